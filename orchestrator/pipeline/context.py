@@ -1,0 +1,91 @@
+"""The context a step receives as its first argument."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any
+
+from opentelemetry import trace
+
+from orchestrator.errors import PipelineError
+from orchestrator.events import CloudEvent
+
+__all__ = ["StepContext"]
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepContext:
+    """What one attempt of a step knows about its run. Read-only."""
+
+    run_id: int
+    """The run's id; stable across retries and resumes, so usable as an idempotency key."""
+    pipeline: str
+    step: str
+    attempt: int
+    """1 for the first attempt of the step in this run, counting on across resumes."""
+    events: tuple[CloudEvent, ...]
+    """The events that triggered the run, oldest first (several when coalesced)."""
+    params: Mapping[str, Any]
+    """Parameters of the run (from the rule or the operator)."""
+    upstream: Mapping[str, Any]
+    """Outputs of every dependency, by step name."""
+    log: logging.LoggerAdapter[logging.Logger]
+    """Logger whose records carry ``run_id``, ``pipeline``, ``step`` and ``attempt``."""
+    span: trace.Span
+    """The span of this attempt (``step <name>``); add attributes or events to it."""
+    connectors: Mapping[str, Any]
+    """Connectors configured for the daemon, by name."""
+
+    @property
+    def event(self) -> CloudEvent:
+        """The first triggering event."""
+        if not self.events:
+            raise PipelineError(
+                f"run {self.run_id} of pipeline {self.pipeline!r} has no triggering event"
+                " (an absence rule or a manual run); read ctx.events instead of ctx.event"
+            )
+        return self.events[0]
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        run_id: int,
+        pipeline: str,
+        step: str,
+        attempt: int = 1,
+        events: tuple[CloudEvent, ...] = (),
+        params: Mapping[str, Any] | None = None,
+        upstream: Mapping[str, Any] | None = None,
+        connectors: Mapping[str, Any] | None = None,
+        span: trace.Span = trace.INVALID_SPAN,
+        logger: logging.Logger | None = None,
+    ) -> StepContext:
+        """Build a context, e.g. to call a step function directly in a test.
+
+        Mappings are copied read-only; the logger defaults to ``orchestrator.steps.<pipeline>``.
+        """
+        extra = {"run_id": run_id, "pipeline": pipeline, "step": step, "attempt": attempt}
+        return cls(
+            run_id=run_id,
+            pipeline=pipeline,
+            step=step,
+            attempt=attempt,
+            events=tuple(events),
+            params=_frozen(params),
+            upstream=_frozen(upstream),
+            log=logging.LoggerAdapter(
+                logger or logging.getLogger(f"orchestrator.steps.{pipeline}"), extra
+            ),
+            span=span,
+            connectors=_frozen(connectors),
+        )
+
+
+def _frozen(mapping: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(mapping)) if mapping else _EMPTY
