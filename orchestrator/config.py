@@ -40,7 +40,7 @@ class _Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     pass
 
 
-class KafkaSettings(_Section):
+class KafkaSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     bootstrap_servers: str = "127.0.0.1:9092"
     """Comma-separated ``host:port`` list of brokers."""
     topics: tuple[str, ...] = ("arrivals",)
@@ -58,6 +58,12 @@ class KafkaSettings(_Section):
     """Default topic for ``orchestrator publish`` and for events emitted by steps."""
     dead_letter_topic: str = ""
     """If set, dead letters are also copied to this topic (the table is always written)."""
+    create_topics: bool = True
+    """Create missing ``topics`` (and ``publish_topic``) at start-up."""
+    topic_partitions: int = 3
+    """Partitions of topics the daemon creates; they bound how many daemons share intake."""
+    topic_replication: int = 1
+    """Replication factor of topics the daemon creates (3 on a production cluster)."""
     enable_idempotence: bool = False
     """Idempotent producer. Turn on for Apache Kafka, Redpanda, MSK and Confluent."""
     session_timeout_ms: int = 10_000
@@ -72,7 +78,7 @@ class KafkaSettings(_Section):
     ssl_keyfile: str = ""
 
 
-class PostgresSettings(_Section):
+class PostgresSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     dsn: str = "postgresql://postgres@127.0.0.1:5432/orchestrator"
     """libpq-style DSN. Prefer ``dsn_file`` or ``ORCH_POSTGRES__DSN`` for one with a password."""
     dsn_file: str = ""
@@ -87,19 +93,19 @@ class PostgresSettings(_Section):
     sslrootcert: str = ""
 
 
-class RulesSettings(_Section):
+class RulesSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     files: tuple[str, ...] = ()
     """Rule files (TOML), relative to the config file's directory."""
 
 
-class PipelineSettings(_Section):
+class PipelineSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     modules: tuple[str, ...] = ()
     """Python modules whose module-level ``Pipeline`` objects are loaded."""
     paths: tuple[str, ...] = ()
     """Directories added to ``sys.path`` before importing, relative to the config file."""
 
 
-class RunnerSettings(_Section):
+class RunnerSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     max_concurrent_runs: int = 64
     """Runs one daemon executes at once."""
     lease_seconds: float = 30.0
@@ -110,7 +116,7 @@ class RunnerSettings(_Section):
     """On SIGTERM, in-flight steps get this long to finish before they are cancelled."""
 
 
-class TelemetrySettings(_Section):
+class TelemetrySettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     service_name: str = "orchestrator"
     otlp_endpoint: str = ""
     """OTLP/HTTP endpoint (``http://collector:4318``). Empty: use ``OTEL_EXPORTER_OTLP_*``
@@ -119,13 +125,13 @@ class TelemetrySettings(_Section):
     log_format: Literal["text", "json"] = "text"
 
 
-class HealthSettings(_Section):
+class HealthSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: int = 0
     """HTTP port for ``/livez`` and ``/readyz``; 0 disables the endpoint."""
 
 
-class Settings(_Section):
+class Settings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     kafka: KafkaSettings = msgspec.field(default_factory=KafkaSettings)
     postgres: PostgresSettings = msgspec.field(default_factory=PostgresSettings)
     rules: RulesSettings = msgspec.field(default_factory=RulesSettings)
@@ -148,7 +154,9 @@ class Settings(_Section):
 
     def sasl_password(self) -> str:
         if self.kafka.sasl_password_file:
-            return _read_secret(self.resolve(self.kafka.sasl_password_file), "kafka.sasl_password_file")
+            return _read_secret(
+                self.resolve(self.kafka.sasl_password_file), "kafka.sasl_password_file"
+            )
         return self.kafka.sasl_password
 
 

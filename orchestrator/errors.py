@@ -8,6 +8,7 @@ Every error raised on purpose by this package derives from one root::
     ├── PipelineError          a pipeline definition is wrong (cycle, unknown dependency, ...)
     ├── EventError             a Kafka record is not a valid arrival event (the dead-letter reason)
     ├── StoreError             Postgres failed or is unreachable (retryable)
+    │   └── StoreRejected      Postgres refused the data itself (not retryable)
     ├── BrokerError            Kafka failed or is unreachable (retryable)
     └── StepError              raised by step code to control retries
         └── NonRetryableError  fail the step now, do not retry
@@ -27,6 +28,7 @@ __all__ = [
     "RuleError",
     "StepError",
     "StoreError",
+    "StoreRejected",
 ]
 
 
@@ -62,6 +64,12 @@ class StoreError(OrchestratorError):
     """Postgres is unreachable or a statement failed for a transient reason."""
 
     retryable = True
+
+
+class StoreRejected(StoreError):
+    """Postgres refused a value (encoding, range, constraint); retrying cannot help."""
+
+    retryable = False
 
 
 class BrokerError(OrchestratorError):

@@ -91,8 +91,8 @@ def new_arrival(
     size: int | None = None,
     attributes: dict[str, Any] | None = None,
     source: str = "orchestrator://publish",
-    type: str = ARRIVAL_TYPE,  # noqa: A002 - the CloudEvents attribute name
-    id: str | None = None,  # noqa: A002
+    type: str = ARRIVAL_TYPE,
+    id: str | None = None,
 ) -> CloudEvent:
     """Build an arrival event with a fresh id and the current time."""
     return CloudEvent(
@@ -130,6 +130,8 @@ def decode_record(value: bytes | None, headers: Headers, *, max_bytes: int) -> C
         raise EventError("empty record value (tombstone)")
     if len(value) > max_bytes:
         raise EventError(f"record of {len(value)} bytes exceeds the limit of {max_bytes} bytes")
+    if b"\\u0000" in value or b"\x00" in value:
+        raise EventError("record contains a NUL character, which cannot be stored")
     ce_headers = {k[3:]: v for k, v in headers if k.startswith("ce_")}
     if ce_headers:
         return _decode_binary(value, ce_headers)
@@ -149,6 +151,8 @@ def _decode_binary(value: bytes, attrs: dict[str, bytes]) -> CloudEvent:
         raw = attrs.get(name)
         if raw is None:
             continue
+        if b"\x00" in raw:
+            raise EventError(f"header ce_{name} contains a NUL character")
         try:
             fields[name] = raw.decode()
         except UnicodeDecodeError:

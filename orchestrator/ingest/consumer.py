@@ -1,0 +1,344 @@
+"""The Kafka intake loop: getmany batch → decode → match → one Postgres transaction → commit.
+
+Delivery semantics: ``enable_auto_commit=False``; a batch's offsets are committed only after
+its events (or their dead letters) and the runs they trigger are committed in Postgres. A
+crash or rebalance before the offset commit redelivers the batch; the store deduplicates
+events by (source, id) and runs by (rule, trigger key), so nothing is lost or doubled.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import msgspec
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
+from anyio.abc import TaskStatus
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from orchestrator.config import Settings
+from orchestrator.errors import BrokerError, EventError, StoreError, StoreRejected
+from orchestrator.events import decode_record
+from orchestrator.health import Health
+from orchestrator.kafka import client_options, ensure_topics
+from orchestrator.store import DeadLetter, IncomingEvent, IngestResult, RunRequest, Store
+from orchestrator.telemetry import Telemetry, extract_headers, traceparent_of
+from orchestrator.triggers import RuleSet, event_to_dict
+
+__all__ = ["Ingestor"]
+
+log = logging.getLogger(__name__)
+
+_DEAD_VALUE_PREFIX = 64 * 1024  # bytes of an oversize record kept in the dead-letter row
+
+
+def backoff_delay(attempt: int, *, base: float = 0.2, cap: float = 10.0) -> float:
+    """Exponential backoff with full jitter, for reconnecting to Kafka or Postgres."""
+    return random.uniform(0, min(cap, base * 2**attempt))
+
+
+class Ingestor:
+    """Consumes arrival events and turns them into durable events and runs."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        rules: RuleSet,
+        telemetry: Telemetry,
+        health: Health,
+        *,
+        on_runs_created: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._rules = rules
+        self._tel = telemetry
+        self._health = health
+        self._on_runs_created = on_runs_created
+        self._stopping = False
+        self._fetch_scope: anyio.CancelScope | None = None
+        self._stopped = anyio.Event()
+        self.batches = 0
+
+    def stop(self) -> None:
+        """Stop intake: the batch being written is finished and committed, then the loop ends."""
+        self._stopping = True
+        if self._fetch_scope is not None:
+            self._fetch_scope.cancel()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    def _consumer(self) -> AIOKafkaConsumer:
+        k = self._settings.kafka
+        return AIOKafkaConsumer(
+            *k.topics,
+            **client_options(self._settings),
+            group_id=k.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=k.session_timeout_ms,
+            heartbeat_interval_ms=k.heartbeat_interval_ms,
+            max_partition_fetch_bytes=max(k.max_record_bytes + 1024, 1_048_576),
+            fetch_max_bytes=max(k.max_record_bytes * 2, 52_428_800),
+            metadata_max_age_ms=30_000,
+        )
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        consumer = self._consumer()
+        started = False
+        try:
+            attempt = 0
+            while not self._stopping:
+                try:
+                    if self._settings.kafka.create_topics:
+                        await ensure_topics(self._settings, list(self._settings.kafka.topics))
+                    await consumer.start()
+                    break
+                except (KafkaError, BrokerError) as exc:
+                    self._health.set("kafka", False, f"cannot reach Kafka: {exc}")
+                    delay = backoff_delay(attempt)
+                    log.warning("Kafka unavailable (%s); retrying in %.1fs", exc, delay)
+                    attempt += 1
+                    if not started:
+                        task_status.started()
+                        started = True
+                    await anyio.sleep(delay)
+            self._health.set("kafka", True)
+            if not started:
+                task_status.started()
+            log.info(
+                "consuming %s as group %r",
+                ", ".join(self._settings.kafka.topics),
+                self._settings.kafka.group_id,
+            )
+            await self._loop(consumer)
+        finally:
+            with anyio.move_on_after(10, shield=True):
+                await consumer.stop()
+            self._stopped.set()
+            log.info("intake stopped")
+
+    async def _loop(self, consumer: AIOKafkaConsumer) -> None:
+        k = self._settings.kafka
+        while not self._stopping:
+            with anyio.CancelScope() as scope:
+                self._fetch_scope = scope
+                batch = await consumer.getmany(timeout_ms=1000, max_records=k.max_batch)
+            self._fetch_scope = None
+            if scope.cancelled_caught or not batch:
+                continue
+            records = [r for recs in batch.values() for r in recs]
+            await self._process(consumer, records)
+            self._update_lag(consumer, batch)
+
+    async def _process(self, consumer: AIOKafkaConsumer, records: Sequence[ConsumerRecord]) -> None:
+        tracer = self._tel.tracer
+        group = self._settings.kafka.group_id
+        events: list[IncomingEvent] = []
+        dead: list[DeadLetter] = []
+        spans: list[trace.Span] = []
+        for rec in records:
+            headers = list(rec.headers or ())
+            span = tracer.start_span(
+                f"{rec.topic} process",
+                context=extract_headers(headers),
+                kind=SpanKind.CONSUMER,
+                attributes={
+                    "messaging.system": "kafka",
+                    "messaging.operation.type": "process",
+                    "messaging.destination.name": rec.topic,
+                    "messaging.destination.partition.id": str(rec.partition),
+                    "messaging.kafka.offset": rec.offset,
+                    "messaging.consumer.group.name": group,
+                },
+            )
+            spans.append(span)
+            try:
+                event = decode_record(
+                    rec.value, headers, max_bytes=self._settings.kafka.max_record_bytes
+                )
+            except EventError as exc:
+                reason = str(exc)
+                span.set_status(Status(StatusCode.ERROR, reason))
+                span.set_attribute("orchestrator.dead_letter.reason", reason)
+                dead.append(_dead_letter(rec, headers, reason))
+                log.warning(
+                    "dead-lettered %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, reason
+                )
+                continue
+            span.set_attribute("messaging.message.id", event.id)
+            span.set_attribute("orchestrator.dataset", event.data.dataset)
+            tp, ts = traceparent_of(span)
+            requests = tuple(
+                RunRequest(
+                    rule=rule.name,
+                    pipeline=rule.pipeline,
+                    trigger_key=f"event:{event.source}#{event.id}",
+                    priority=rule.priority,
+                    params=dict(rule.params),
+                )
+                for rule in self._rules.match(event_to_dict(event))
+            )
+            events.append(
+                IncomingEvent(
+                    event=event,
+                    envelope=_envelope(rec, headers, event),
+                    topic=rec.topic,
+                    partition=rec.partition,
+                    offset=rec.offset,
+                    published_at=_timestamp(rec),
+                    traceparent=tp,
+                    tracestate=ts,
+                    runs=requests,
+                )
+            )
+        try:
+            result = await self._write(events, dead)
+        finally:
+            for span in spans:
+                span.end()
+        if result is None:
+            return  # stopping while Postgres is down: nothing committed, Kafka redelivers
+        inst = self._tel.instruments
+        inst.events_consumed.add(result.new_events)
+        if result.duplicate_events:
+            inst.events_duplicate.add(result.duplicate_events)
+        if result.dead_letters:
+            inst.dead_letters.add(result.dead_letters)
+        if result.run_ids:
+            inst.runs.add(len(result.run_ids), {"status": "pending"})
+            self._on_runs_created()
+        await self._commit(consumer, records)
+        self.batches += 1
+
+    async def _write(
+        self, events: list[IncomingEvent], dead: list[DeadLetter]
+    ) -> IngestResult | None:
+        """Write the batch, retrying while Postgres is unavailable.
+
+        If Postgres rejects a value in the batch, events are written one at a time and the
+        rejected ones become dead letters, so one bad record never blocks its partition.
+        """
+        try:
+            return await self._retrying(lambda: self._store.ingest(events, dead))
+        except StoreRejected as exc:
+            log.warning("batch rejected by Postgres (%s); isolating the bad records", exc)
+        new = dup = 0
+        run_ids: list[int] = []
+        rejected = list(dead)
+        for e in events:
+            try:
+                r = await self._retrying(lambda e=e: self._store.ingest([e], []))  # type: ignore[misc]
+            except StoreRejected as exc:
+                rejected.append(_rejected(e, str(exc)))
+                continue
+            if r is None:
+                return None
+            new, dup, run_ids = new + r.new_events, dup + r.duplicate_events, run_ids + r.run_ids
+        r = await self._retrying(lambda: self._store.ingest([], rejected))
+        if r is None:
+            return None
+        return IngestResult(
+            new_events=new, duplicate_events=dup, dead_letters=len(rejected), run_ids=run_ids
+        )
+
+    async def _retrying(self, write: Callable[[], Awaitable[IngestResult]]) -> IngestResult | None:
+        attempt = 0
+        while True:
+            try:
+                result = await write()
+            except StoreRejected:
+                raise
+            except StoreError as exc:
+                self._health.set("postgres", False, str(exc))
+                if self._stopping:
+                    return None
+                delay = backoff_delay(attempt)
+                log.warning("cannot write batch (%s); retrying in %.1fs", exc, delay)
+                attempt += 1
+                await anyio.sleep(delay)
+                continue
+            self._health.set("postgres", True)
+            return result
+
+    async def _commit(self, consumer: AIOKafkaConsumer, records: Sequence[ConsumerRecord]) -> None:
+        offsets: dict[TopicPartition, int] = {}
+        for rec in records:
+            tp = TopicPartition(rec.topic, rec.partition)
+            offsets[tp] = max(offsets.get(tp, 0), rec.offset + 1)
+        try:
+            await consumer.commit(offsets)
+        except (CommitFailedError, IllegalStateError) as exc:
+            # The partitions moved to another member; it re-reads from the last commit and
+            # the store deduplicates what this batch already wrote.
+            log.info("offset commit skipped after rebalance: %s", exc)
+        except KafkaError as exc:
+            self._health.set("kafka", False, f"offset commit failed: {exc}")
+            log.warning("offset commit failed (%s); the batch will be redelivered", exc)
+        else:
+            self._health.set("kafka", True)
+
+    def _update_lag(
+        self, consumer: AIOKafkaConsumer, batch: dict[TopicPartition, list[Any]]
+    ) -> None:
+        inst = self._tel.instruments
+        for tp, recs in batch.items():
+            hw = consumer.highwater(tp)
+            if hw is not None and recs:
+                inst.set_lag(tp.topic, tp.partition, max(0, hw - recs[-1].offset - 1))
+
+
+def _timestamp(rec: ConsumerRecord) -> datetime | None:
+    ts = rec.timestamp
+    return datetime.fromtimestamp(ts / 1000, UTC) if ts and ts > 0 else None
+
+
+_json = msgspec.json.Encoder()
+
+
+def _envelope(rec: ConsumerRecord, headers: list[tuple[str, bytes]], event: Any) -> bytes:
+    # Structured records are stored as received (extensions kept); binary ones re-encoded.
+    if any(k.startswith("ce_") for k, _ in headers):
+        return _json.encode(event)
+    return bytes(rec.value)
+
+
+def _dead_letter(rec: ConsumerRecord, headers: list[tuple[str, bytes]], reason: str) -> DeadLetter:
+    value = rec.value
+    return DeadLetter(
+        topic=rec.topic,
+        partition=rec.partition,
+        offset=rec.offset,
+        key=rec.key,
+        value=None if value is None else bytes(value[:_DEAD_VALUE_PREFIX]),
+        value_size=0 if value is None else len(value),
+        headers=[
+            (_clean(k), _clean(v.decode("utf-8", "replace")) if v else "") for k, v in headers
+        ],
+        reason=_clean(reason),
+    )
+
+
+def _clean(text: str) -> str:
+    return text.replace("\x00", "\ufffd")
+
+
+def _rejected(e: IncomingEvent, reason: str) -> DeadLetter:
+    return DeadLetter(
+        topic=e.topic,
+        partition=e.partition,
+        offset=e.offset,
+        key=None,
+        value=e.envelope[:_DEAD_VALUE_PREFIX],
+        value_size=len(e.envelope),
+        headers=[],
+        reason=_clean(reason),
+    )

@@ -1,0 +1,126 @@
+"""Rows the store reads and writes, as frozen msgspec Structs."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+import msgspec
+
+from orchestrator.events import CloudEvent
+
+__all__ = [
+    "ClaimedRun",
+    "DeadLetter",
+    "DeadLetterRow",
+    "IncomingEvent",
+    "IngestResult",
+    "RunRequest",
+    "RunRow",
+    "RunStatus",
+    "StepAttemptRow",
+]
+
+RunStatus = Literal["pending", "running", "succeeded", "failed", "cancelled"]
+
+
+class RunRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """A run a rule asks for; created only if (rule, trigger_key) is new."""
+
+    rule: str
+    pipeline: str
+    trigger_key: str
+    priority: int = 0
+    params: dict[str, Any] = {}
+
+
+class IncomingEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """A decoded Kafka record on its way into the events table."""
+
+    event: CloudEvent
+    envelope: bytes
+    topic: str
+    partition: int
+    offset: int
+    published_at: datetime | None
+    traceparent: str | None = None
+    """Context of the record's ``<topic> process`` span: the parent of the runs it triggers."""
+    tracestate: str | None = None
+    runs: tuple[RunRequest, ...] = ()
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    value_size: int
+    headers: list[tuple[str, str]]
+    reason: str
+
+
+class IngestResult(msgspec.Struct, frozen=True, kw_only=True):
+    new_events: int
+    duplicate_events: int
+    dead_letters: int
+    run_ids: list[int]
+
+
+class ClaimedRun(msgspec.Struct, frozen=True, kw_only=True):
+    id: int
+    rule: str
+    pipeline: str
+    params: dict[str, Any]
+    event_ids: list[int]
+    first_event_at: datetime | None
+    traceparent: str | None
+    tracestate: str | None
+    links: list[str]
+    claims: int
+    cancel_requested: bool
+
+
+class RunRow(msgspec.Struct, frozen=True, kw_only=True):
+    id: int
+    rule: str
+    pipeline: str
+    trigger_key: str
+    status: RunStatus
+    priority: int
+    params: dict[str, Any]
+    event_ids: list[int]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    lease_owner: str | None
+    claims: int
+    failed_step: str | None
+    error: str | None
+    traceparent: str | None
+
+
+class StepAttemptRow(msgspec.Struct, frozen=True, kw_only=True):
+    run_id: int
+    step: str
+    attempt: int
+    status: str
+    output: msgspec.Raw | None
+    error: str | None
+    owner: str | None
+    started_at: datetime
+    finished_at: datetime | None
+
+
+class DeadLetterRow(msgspec.Struct, frozen=True, kw_only=True):
+    id: int
+    topic: str
+    kafka_partition: int
+    kafka_offset: int
+    value_size: int
+    reason: str
+    created_at: datetime
+    redriven_at: datetime | None
+    value: bytes | None = None
+    key: bytes | None = None
+    headers: list[tuple[str, str]] = []

@@ -1,0 +1,499 @@
+"""The Postgres store: every SQL statement the daemon runs lives here.
+
+Each method is one visible transaction (or one autocommit statement). The connection is
+taken from the pool inside the method and never shared across calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from orchestrator.events import CloudEvent
+from orchestrator.store.connection import acquire, create_pool, translate_errors
+from orchestrator.store.migrate import migrate
+from orchestrator.store.records import (
+    ClaimedRun,
+    DeadLetter,
+    DeadLetterRow,
+    IncomingEvent,
+    IngestResult,
+    RunRow,
+    StepAttemptRow,
+)
+
+__all__ = ["Store"]
+
+_envelope_decoder = msgspec.json.Decoder(CloudEvent)
+_params_decoder = msgspec.json.Decoder(dict[str, Any])
+_json = msgspec.json.Encoder()
+
+_INSERT_EVENTS = """
+INSERT INTO events (source, event_id, type, subject, event_time, dataset, partition_key,
+                    envelope, topic, kafka_partition, kafka_offset, published_at,
+                    traceparent, tracestate)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
+                     $6::text[], $7::text[], $8::jsonb[], $9::text[], $10::int[],
+                     $11::bigint[], $12::timestamptz[], $13::text[], $14::text[])
+ON CONFLICT (source, event_id) DO NOTHING
+RETURNING id, source, event_id
+"""
+
+_INSERT_RUNS = """
+INSERT INTO runs (rule, trigger_key, pipeline, priority, params, event_ids, first_event_at,
+                  traceparent, tracestate)
+SELECT r, k, p, pr, pa, ARRAY[e], fe, tp, ts
+FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::jsonb[], $6::bigint[],
+            $7::timestamptz[], $8::text[], $9::text[]) AS u(r, k, p, pr, pa, e, fe, tp, ts)
+ON CONFLICT (rule, trigger_key) DO NOTHING
+RETURNING id
+"""
+
+_INSERT_DEAD = """
+INSERT INTO dead_letters (topic, kafka_partition, kafka_offset, key, value, value_size,
+                          headers, reason)
+SELECT * FROM unnest($1::text[], $2::int[], $3::bigint[], $4::bytea[], $5::bytea[],
+                     $6::int[], $7::jsonb[], $8::text[])
+ON CONFLICT (topic, kafka_partition, kafka_offset) DO NOTHING
+"""
+
+_CLAIM = """
+WITH c AS (
+    SELECT id FROM runs
+    WHERE status = 'pending'
+    ORDER BY priority DESC, id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE runs r
+SET status = 'running', lease_owner = $1,
+    lease_expires_at = now() + make_interval(secs => $3),
+    claims = r.claims + 1, started_at = coalesce(r.started_at, now())
+FROM c WHERE r.id = c.id
+RETURNING r.id, r.rule, r.pipeline, r.params, r.event_ids, r.first_event_at, r.traceparent,
+          r.tracestate, r.links, r.claims, r.cancel_requested
+"""
+
+_RUN_COLUMNS = """id, rule, pipeline, trigger_key, status, priority, params, event_ids,
+    created_at, started_at, finished_at, lease_owner, claims, failed_step, error, traceparent"""
+
+
+def _run_row(r: asyncpg.Record) -> RunRow:
+    fields = dict(r)
+    fields["params"] = _params_decoder.decode(fields["params"])
+    return RunRow(**fields)
+
+
+class Store:
+    """State of events, runs, step attempts and dead letters in one Postgres schema."""
+
+    def __init__(self, pool: asyncpg.Pool, *, schema: str = "public") -> None:
+        self.pool = pool
+        self.schema = schema
+        self.runs_channel = f"{schema}_runs"
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def open(
+        cls,
+        dsn: str,
+        *,
+        schema: str = "public",
+        min_size: int = 2,
+        max_size: int = 10,
+        sslmode: str = "",
+        sslrootcert: str = "",
+    ) -> AsyncIterator[Store]:
+        pool = await create_pool(
+            dsn,
+            schema=schema,
+            min_size=min_size,
+            max_size=max_size,
+            sslmode=sslmode,
+            sslrootcert=sslrootcert,
+        )
+        try:
+            yield cls(pool, schema=schema)
+        finally:
+            with contextlib.suppress(Exception):
+                await pool.close()
+
+    async def migrate(self) -> list[str]:
+        async with acquire(self.pool, "migrate") as conn:
+            return await migrate(conn, self.schema)
+
+    async def ping(self) -> None:
+        async with acquire(self.pool, "ping") as conn:
+            await conn.fetchval("SELECT 1")
+
+    # -- ingest -------------------------------------------------------------------------
+
+    async def ingest(
+        self, events: Sequence[IncomingEvent], dead: Sequence[DeadLetter]
+    ) -> IngestResult:
+        """Write a batch in one transaction: dead letters, new events, and their runs.
+
+        Events already stored (same source and id) are skipped with their runs, so a
+        redelivered batch creates nothing twice.
+        """
+        run_ids: list[int] = []
+        new_events = 0
+        async with acquire(self.pool, "ingest") as conn, conn.transaction():
+            if dead:
+                await conn.execute(_INSERT_DEAD, *_dead_columns(dead))
+            if events:
+                inserted = await conn.fetch(_INSERT_EVENTS, *_event_columns(events))
+                new_events = len(inserted)
+                ids = {(r["source"], r["event_id"]): r["id"] for r in inserted}
+                cols = _run_columns(events, ids)
+                if cols[0]:
+                    rows = await conn.fetch(_INSERT_RUNS, *cols)
+                    run_ids = [r["id"] for r in rows]
+                    if run_ids:
+                        await conn.execute("SELECT pg_notify($1, '')", self.runs_channel)
+        return IngestResult(
+            new_events=new_events,
+            duplicate_events=len(events) - new_events,
+            dead_letters=len(dead),
+            run_ids=run_ids,
+        )
+
+    # -- run execution --------------------------------------------------------------------
+
+    async def claim_runs(self, owner: str, limit: int, lease_seconds: float) -> list[ClaimedRun]:
+        if limit <= 0:
+            return []
+        async with acquire(self.pool, "claim runs") as conn:
+            rows = await conn.fetch(_CLAIM, owner, limit, lease_seconds)
+        out = []
+        for r in rows:
+            fields = dict(r)
+            fields["params"] = _params_decoder.decode(fields["params"])
+            out.append(ClaimedRun(**fields))
+        return out
+
+    async def reclaim_expired(self) -> list[int]:
+        """Return runs whose lease expired (their daemon died) to the pending queue."""
+        async with acquire(self.pool, "reclaim expired leases") as conn:
+            rows = await conn.fetch(
+                """UPDATE runs SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL
+                   WHERE status = 'running' AND lease_expires_at < now()
+                   RETURNING id"""
+            )
+            ids = [r["id"] for r in rows]
+            if ids:
+                await conn.execute("SELECT pg_notify($1, '')", self.runs_channel)
+        return ids
+
+    async def heartbeat(
+        self, owner: str, run_ids: Sequence[int], lease_seconds: float
+    ) -> dict[int, bool]:
+        """Extend the leases of ``run_ids`` still owned by ``owner``.
+
+        Returns ``{run_id: cancel_requested}`` for the runs still held; a run missing from
+        the result has been lost (its lease expired and another daemon took it).
+        """
+        if not run_ids:
+            return {}
+        async with acquire(self.pool, "heartbeat") as conn:
+            rows = await conn.fetch(
+                """UPDATE runs SET lease_expires_at = now() + make_interval(secs => $3)
+                   WHERE id = ANY($2::bigint[]) AND lease_owner = $1 AND status = 'running'
+                   RETURNING id, cancel_requested""",
+                owner,
+                list(run_ids),
+                lease_seconds,
+            )
+        return {r["id"]: r["cancel_requested"] for r in rows}
+
+    async def load_events(self, ids: Iterable[int]) -> dict[int, CloudEvent]:
+        async with acquire(self.pool, "load events") as conn:
+            rows = await conn.fetch(
+                "SELECT id, envelope FROM events WHERE id = ANY($1::bigint[])", list(ids)
+            )
+        return {r["id"]: _envelope_decoder.decode(r["envelope"]) for r in rows}
+
+    async def resume_state(self, run_id: int) -> tuple[dict[str, bytes], dict[str, int]]:
+        """What a resumed run needs: outputs of steps already succeeded (not run again) and
+        the number of attempts recorded so far per step (numbering continues)."""
+        async with acquire(self.pool, "load resume state") as conn:
+            rows = await conn.fetch(
+                """SELECT step, max(attempt) AS attempts,
+                          (array_agg(output ORDER BY attempt DESC)
+                               FILTER (WHERE status = 'succeeded'))[1] AS output,
+                          bool_or(status = 'succeeded') AS succeeded
+                   FROM step_attempts WHERE run_id = $1 GROUP BY step""",
+                run_id,
+            )
+        completed = {r["step"]: r["output"] or b"null" for r in rows if r["succeeded"]}
+        attempts = {r["step"]: r["attempts"] for r in rows}
+        return completed, attempts
+
+    async def step_started(
+        self, run_id: int, step: str, attempt: int, started_at: datetime, owner: str
+    ) -> None:
+        async with acquire(self.pool, "record step start") as conn:
+            await conn.execute(
+                """INSERT INTO step_attempts (run_id, step, attempt, status, owner, started_at)
+                   VALUES ($1, $2, $3, 'running', $4, $5)
+                   ON CONFLICT (run_id, step, attempt) DO UPDATE
+                   SET status = 'running', owner = $4, started_at = $5, finished_at = NULL,
+                       output = NULL, error = NULL""",
+                run_id,
+                step,
+                attempt,
+                owner,
+                started_at,
+            )
+
+    async def step_finished(
+        self,
+        run_id: int,
+        step: str,
+        attempt: int,
+        *,
+        status: str,
+        output: bytes | None,
+        error: str | None,
+        started_at: datetime,
+        finished_at: datetime,
+        owner: str,
+    ) -> None:
+        async with acquire(self.pool, "record step outcome") as conn:
+            await conn.execute(
+                """INSERT INTO step_attempts
+                       (run_id, step, attempt, status, output, error, owner, started_at,
+                        finished_at)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                   ON CONFLICT (run_id, step, attempt) DO UPDATE
+                   SET status = $4, output = $5, error = $6, owner = $7, finished_at = $9""",
+                run_id,
+                step,
+                attempt,
+                status,
+                output,
+                error,
+                owner,
+                started_at,
+                finished_at,
+            )
+
+    async def finish_run(
+        self,
+        run_id: int,
+        owner: str,
+        status: str,
+        *,
+        failed_step: str | None = None,
+        error: str | None = None,
+    ) -> bool:
+        """Record a run's final status if ``owner`` still holds it. False if it was lost."""
+        async with acquire(self.pool, "finish run") as conn:
+            row = await conn.fetchrow(
+                """UPDATE runs SET status = $3, finished_at = now(), failed_step = $4,
+                       error = $5, lease_owner = NULL, lease_expires_at = NULL
+                   WHERE id = $1 AND lease_owner = $2 AND status = 'running'
+                   RETURNING id""",
+                run_id,
+                owner,
+                status,
+                failed_step,
+                error,
+            )
+        return row is not None
+
+    async def release_run(self, run_id: int, owner: str) -> bool:
+        """Give a run back to the queue (interrupted by shutdown); any daemon resumes it."""
+        async with acquire(self.pool, "release run") as conn:
+            row = await conn.fetchrow(
+                """UPDATE runs SET status = 'pending', lease_owner = NULL, lease_expires_at = NULL
+                   WHERE id = $1 AND lease_owner = $2 AND status = 'running'
+                   RETURNING id""",
+                run_id,
+                owner,
+            )
+            if row is not None:
+                await conn.execute("SELECT pg_notify($1, '')", self.runs_channel)
+        return row is not None
+
+    # -- operator queries -------------------------------------------------------------
+
+    async def list_runs(
+        self, *, status: str | None = None, pipeline: str | None = None, limit: int = 50
+    ) -> list[RunRow]:
+        async with acquire(self.pool, "list runs") as conn:
+            rows = await conn.fetch(
+                f"""SELECT {_RUN_COLUMNS} FROM runs
+                    WHERE ($1::text IS NULL OR status = $1)
+                      AND ($2::text IS NULL OR pipeline = $2)
+                    ORDER BY id DESC LIMIT $3""",
+                status,
+                pipeline,
+                limit,
+            )
+        return [_run_row(r) for r in rows]
+
+    async def get_run(self, run_id: int) -> RunRow | None:
+        async with acquire(self.pool, "get run") as conn:
+            row = await conn.fetchrow(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = $1", run_id)
+        return None if row is None else _run_row(row)
+
+    async def step_attempts(self, run_id: int) -> list[StepAttemptRow]:
+        async with acquire(self.pool, "list step attempts") as conn:
+            rows = await conn.fetch(
+                """SELECT run_id, step, attempt, status, output, error, owner, started_at,
+                          finished_at
+                   FROM step_attempts WHERE run_id = $1 ORDER BY started_at, step, attempt""",
+                run_id,
+            )
+        return [
+            StepAttemptRow(
+                **{**dict(r), "output": None if r["output"] is None else msgspec.Raw(r["output"])}
+            )
+            for r in rows
+        ]
+
+    async def count_runs(self) -> dict[str, int]:
+        async with acquire(self.pool, "count runs") as conn:
+            rows = await conn.fetch("SELECT status, count(*) AS n FROM runs GROUP BY status")
+        return {r["status"]: r["n"] for r in rows}
+
+    async def request_cancel(self, run_id: int) -> str | None:
+        """Cancel a pending run now, or ask the daemon running it to cancel it.
+
+        Returns the run's status after the request, or None if there is no such run.
+        """
+        async with acquire(self.pool, "cancel run") as conn, conn.transaction():
+            row = await conn.fetchrow(
+                """UPDATE runs SET
+                       status = CASE WHEN status = 'pending' THEN 'cancelled' ELSE status END,
+                       finished_at = CASE WHEN status = 'pending' THEN now() ELSE finished_at END,
+                       error = CASE WHEN status = 'pending' THEN 'cancelled by operator'
+                                    ELSE error END,
+                       cancel_requested = (status = 'running')
+                   WHERE id = $1 RETURNING status""",
+                run_id,
+            )
+            if row is not None and row["status"] == "running":
+                await conn.execute("SELECT pg_notify($1, $2)", f"{self.schema}_cancel", str(run_id))
+        return None if row is None else str(row["status"])
+
+    async def retry_run(self, run_id: int) -> str | None:
+        """Queue a failed or cancelled run again; it resumes from its first unfinished step."""
+        async with acquire(self.pool, "retry run") as conn, conn.transaction():
+            row = await conn.fetchrow(
+                """UPDATE runs SET status = 'pending', finished_at = NULL, failed_step = NULL,
+                       error = NULL, cancel_requested = false
+                   WHERE id = $1 AND status IN ('failed', 'cancelled') RETURNING status""",
+                run_id,
+            )
+            if row is None:
+                current = await conn.fetchval("SELECT status FROM runs WHERE id = $1", run_id)
+                return None if current is None else str(current)
+            await conn.execute("SELECT pg_notify($1, '')", self.runs_channel)
+        return "pending"
+
+    async def list_dead_letters(self, *, limit: int = 50) -> list[DeadLetterRow]:
+        async with acquire(self.pool, "list dead letters") as conn:
+            rows = await conn.fetch(
+                """SELECT id, topic, kafka_partition, kafka_offset, value_size, reason,
+                          created_at, redriven_at
+                   FROM dead_letters ORDER BY id DESC LIMIT $1""",
+                limit,
+            )
+        return [DeadLetterRow(**dict(r)) for r in rows]
+
+    # -- notifications ------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def listen(
+        self, channel: str, callback: Callable[[str], None], dsn: str
+    ) -> AsyncIterator[asyncpg.Connection]:
+        """Call ``callback(payload)`` for each NOTIFY on ``channel`` while the block runs."""
+        with translate_errors(f"LISTEN {channel}"):
+            conn = await asyncpg.connect(dsn, timeout=10)
+
+        def _on_notify(_c: Any, _pid: int, _channel: str, payload: object) -> None:
+            callback(str(payload))
+
+        try:
+            with translate_errors(f"LISTEN {channel}"):
+                await conn.add_listener(channel, _on_notify)
+            yield conn
+        finally:
+            with contextlib.suppress(Exception):
+                await conn.close(timeout=2)
+
+
+def _event_columns(events: Sequence[IncomingEvent]) -> list[list[Any]]:
+    cols: list[list[Any]] = [[] for _ in range(14)]
+    for e in events:
+        ev = e.event
+        values = (
+            ev.source,
+            ev.id,
+            ev.type,
+            ev.subject,
+            ev.time,
+            ev.data.dataset,
+            ev.data.partition,
+            e.envelope,
+            e.topic,
+            e.partition,
+            e.offset,
+            e.published_at,
+            e.traceparent,
+            e.tracestate,
+        )
+        for col, v in zip(cols, values, strict=True):
+            col.append(v)
+    return cols
+
+
+def _run_columns(
+    events: Sequence[IncomingEvent], ids: dict[tuple[str, str], int]
+) -> list[list[Any]]:
+    cols: list[list[Any]] = [[] for _ in range(9)]
+    for e in events:
+        key = (e.event.source, e.event.id)
+        event_pk = ids.pop(key, None)  # pop: a duplicate later in the batch creates nothing
+        if event_pk is None:
+            continue
+        for req in e.runs:
+            values = (
+                req.rule,
+                req.trigger_key,
+                req.pipeline,
+                req.priority,
+                _json.encode(req.params),
+                event_pk,
+                e.published_at,
+                e.traceparent,
+                e.tracestate,
+            )
+            for col, v in zip(cols, values, strict=True):
+                col.append(v)
+    return cols
+
+
+def _dead_columns(dead: Sequence[DeadLetter]) -> list[list[Any]]:
+    cols: list[list[Any]] = [[] for _ in range(8)]
+    for d in dead:
+        values = (
+            d.topic,
+            d.partition,
+            d.offset,
+            d.key,
+            d.value,
+            d.value_size,
+            _json.encode(d.headers),
+            d.reason,
+        )
+        for col, v in zip(cols, values, strict=True):
+            col.append(v)
+    return cols

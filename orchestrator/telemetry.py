@@ -1,0 +1,197 @@
+"""Tracing and metrics: Kafka-header propagation, span names, and the daemon's instruments.
+
+Components receive a ``Tracer`` and an ``Instruments`` object; nothing here installs global
+providers except :func:`install`, which only the CLI calls.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from opentelemetry import metrics, trace
+from opentelemetry.context import Context
+from opentelemetry.propagators.textmap import Getter, Setter
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+__all__ = [
+    "Instruments",
+    "Telemetry",
+    "context_from_traceparent",
+    "extract_headers",
+    "inject_headers",
+    "install",
+    "traceparent_of",
+]
+
+_propagator = TraceContextTextMapPropagator()
+KafkaHeaders = Sequence[tuple[str, bytes]]
+
+
+class _HeaderGetter(Getter[KafkaHeaders]):
+    def get(self, carrier: KafkaHeaders, key: str) -> list[str] | None:
+        values = [v.decode("latin-1") for k, v in carrier if k == key and v is not None]
+        return values or None
+
+    def keys(self, carrier: KafkaHeaders) -> list[str]:
+        return [k for k, _ in carrier]
+
+
+class _HeaderSetter(Setter[list[tuple[str, bytes]]]):
+    def set(self, carrier: list[tuple[str, bytes]], key: str, value: str) -> None:
+        carrier.append((key, value.encode("latin-1")))
+
+
+class _DictSetter(Setter[dict[str, str]]):
+    def set(self, carrier: dict[str, str], key: str, value: str) -> None:
+        carrier[key] = value
+
+
+_getter = _HeaderGetter()
+_setter = _HeaderSetter()
+_dict_setter = _DictSetter()
+
+
+def inject_headers(context: Context | None = None) -> list[tuple[str, bytes]]:
+    """W3C ``traceparent``/``tracestate`` Kafka headers for ``context`` (default: current)."""
+    headers: list[tuple[str, bytes]] = []
+    _propagator.inject(headers, context=context, setter=_setter)
+    return headers
+
+
+def extract_headers(headers: KafkaHeaders) -> Context:
+    """The producer's context carried in a record's headers (empty context when absent)."""
+    return _propagator.extract(headers, getter=_getter)
+
+
+def traceparent_of(span: trace.Span) -> tuple[str | None, str | None]:
+    """``(traceparent, tracestate)`` for storing a span's context in Postgres."""
+    carrier: dict[str, str] = {}
+    _propagator.inject(carrier, context=trace.set_span_in_context(span), setter=_dict_setter)
+    return carrier.get("traceparent"), carrier.get("tracestate")
+
+
+def context_from_traceparent(traceparent: str | None, tracestate: str | None = None) -> Context:
+    carrier = {"traceparent": traceparent or ""}
+    if tracestate:
+        carrier["tracestate"] = tracestate
+    return _propagator.extract(carrier)
+
+
+class Instruments:
+    """The daemon's OTel metrics. Create once per meter."""
+
+    def __init__(self, meter: metrics.Meter) -> None:
+        self.events_consumed = meter.create_counter(
+            "orchestrator.events.consumed", unit="{event}", description="Arrival events accepted"
+        )
+        self.events_duplicate = meter.create_counter(
+            "orchestrator.events.duplicate", unit="{event}", description="Redelivered events"
+        )
+        self.dead_letters = meter.create_counter(
+            "orchestrator.events.dead_lettered", unit="{record}", description="Rejected records"
+        )
+        self.runs = meter.create_counter(
+            "orchestrator.runs", unit="{run}", description="Runs by final or new status"
+        )
+        self.runs_in_flight = meter.create_up_down_counter(
+            "orchestrator.runs.in_flight", unit="{run}", description="Runs executing now"
+        )
+        self.event_to_step_latency = meter.create_histogram(
+            "orchestrator.event_to_step.latency",
+            unit="s",
+            description="Kafka publish time of the triggering event to first step start",
+        )
+        self._lag: dict[tuple[str, int], int] = {}
+        self._lag_sources: list[Callable[[], Iterable[tuple[str, int, int]]]] = []
+        meter.create_observable_gauge(
+            "orchestrator.consumer.lag",
+            callbacks=[self._observe_lag],
+            unit="{record}",
+            description="Records behind the partition's highwater mark",
+        )
+
+    def set_lag(self, topic: str, partition: int, lag: int) -> None:
+        self._lag[(topic, partition)] = lag
+
+    def forget_lag(self, topic: str, partition: int) -> None:
+        self._lag.pop((topic, partition), None)
+
+    def total_lag(self) -> int:
+        return sum(self._lag.values())
+
+    def _observe_lag(self, _options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        for (topic, partition), lag in list(self._lag.items()):
+            yield metrics.Observation(
+                lag,
+                {
+                    "messaging.destination.name": topic,
+                    "messaging.destination.partition.id": str(partition),
+                },
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class Telemetry:
+    """What components receive: a tracer, a meter and the instruments built on it."""
+
+    tracer: trace.Tracer
+    meter: metrics.Meter
+    instruments: Instruments
+
+    @classmethod
+    def from_providers(
+        cls,
+        tracer_provider: trace.TracerProvider | None = None,
+        meter_provider: metrics.MeterProvider | None = None,
+    ) -> Telemetry:
+        tracer = trace.get_tracer("orchestrator", tracer_provider=tracer_provider)
+        meter = metrics.get_meter("orchestrator", meter_provider=meter_provider)
+        return cls(tracer=tracer, meter=meter, instruments=Instruments(meter))
+
+
+def _otlp_configured(endpoint: str) -> bool:
+    return bool(
+        endpoint
+        or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    )
+
+
+def install(service_name: str, otlp_endpoint: str = "") -> Callable[[], None]:
+    """Install global tracer and meter providers; export by OTLP/HTTP when configured.
+
+    Returns a function that flushes and shuts the providers down.
+    """
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+
+    resource = Resource.create({"service.name": service_name})
+    tracer_provider = TracerProvider(resource=resource)
+    readers = []
+    if _otlp_configured(otlp_endpoint):
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+        base = otlp_endpoint.rstrip("/")
+        span_exporter = (
+            OTLPSpanExporter(endpoint=f"{base}/v1/traces") if base else OTLPSpanExporter()
+        )
+        metric_exporter = (
+            OTLPMetricExporter(endpoint=f"{base}/v1/metrics") if base else OTLPMetricExporter()
+        )
+        tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
+        readers.append(PeriodicExportingMetricReader(metric_exporter))
+    meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+    trace.set_tracer_provider(tracer_provider)
+    metrics.set_meter_provider(meter_provider)
+
+    def shutdown() -> None:
+        tracer_provider.shutdown()
+        meter_provider.shutdown()
+
+    return shutdown
