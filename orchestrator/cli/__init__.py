@@ -91,9 +91,17 @@ def build_parser() -> argparse.ArgumentParser:
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     db_sub.add_parser("migrate", help="apply pending migrations")
 
-    dl = sub.add_parser("dead-letters", help="records that could not be accepted")
+    dl = sub.add_parser("dead-letters", help="list or redrive records that could not be accepted")
     dl.add_argument("--limit", type=int, default=50)
     dl.add_argument("--json", action="store_true")
+    dl_sub = dl.add_subparsers(dest="dl_command", metavar="ACTION")
+    dl_list = dl_sub.add_parser("list", help="recent dead letters (the default)")
+    dl_list.add_argument("--limit", type=int, default=50)
+    dl_list.add_argument("--json", action="store_true")
+    redrive = dl_sub.add_parser("redrive", help="publish dead letters again after a fix")
+    redrive.add_argument("ids", nargs="*", type=int, help="dead-letter ids")
+    redrive.add_argument("--all", action="store_true", help="every dead letter not yet redriven")
+    redrive.add_argument("--topic", help="publish to this topic instead of the original one")
 
     sub.add_parser("health", help="probe the running daemon's health endpoint (exit 0 if ready)")
     return parser

@@ -214,10 +214,47 @@ def _runs(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _dead_letters(args: argparse.Namespace, settings: Settings) -> int:
+    if getattr(args, "dl_command", None) == "redrive":
+        return _redrive(args, settings)
+
     async def _go(store: Any) -> int:
         rows = await store.list_dead_letters(limit=args.limit)
         print(render.dead_letters_json(rows) if args.json else render.dead_letters_table(rows))
         return 0
+
+    return _with_store(settings, _go)
+
+
+def _redrive(args: argparse.Namespace, settings: Settings) -> int:
+    """Publish dead letters' records again (after a fix to the rules, contracts or producer)."""
+    from orchestrator.kafka import open_producer
+
+    if not args.ids and not args.all:
+        raise ConfigError("dead-letters redrive: name dead-letter ids or pass --all")
+
+    async def _go(store: Any) -> int:
+        rows = await store.dead_letters_for_redrive(None if args.all else args.ids)
+        if not args.all and len(rows) != len(set(args.ids)):
+            missing = sorted(set(args.ids) - {r.id for r in rows})
+            print(f"no dead letter with id {', '.join(map(str, missing))}", file=sys.stderr)
+            return 1
+        failed = 0
+        async with open_producer(settings) as producer:
+            for row in rows:
+                if row.value is None or len(row.value) < row.value_size:
+                    print(
+                        f"dead letter {row.id}: only a prefix of the {row.value_size}-byte "
+                        "record was kept; it cannot be redriven",
+                        file=sys.stderr,
+                    )
+                    failed += 1
+                    continue
+                topic = args.topic or row.topic
+                headers = [(k, v.encode()) for k, v in row.headers]
+                await producer.send_and_wait(topic, row.value, key=row.key, headers=headers)
+                await store.mark_redriven(row.id)
+                print(f"dead letter {row.id} redriven to {topic}")
+        return 1 if failed else 0
 
     return _with_store(settings, _go)
 

@@ -24,7 +24,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from orchestrator.config import RunnerSettings
-from orchestrator.errors import StoreError
+from orchestrator.errors import LeaseLost, StoreError
 from orchestrator.health import Health
 from orchestrator.ingest.consumer import backoff_delay
 from orchestrator.pipeline.model import Pipeline
@@ -223,6 +223,8 @@ class Scheduler:
             try:
                 return await op()
             except StoreError as exc:
+                if not exc.retryable:
+                    raise
                 self._health.set("postgres", False, str(exc))
                 await anyio.sleep(backoff_delay(attempt))
                 attempt += 1
@@ -235,6 +237,8 @@ class Scheduler:
         inst.runs_in_flight.add(1, {"pipeline": run.pipeline})
         try:
             await self._execute_traced(inflight)
+        except LeaseLost:
+            log.warning("run %d: lease lost to another daemon; it continues there", run.id)
         except Exception:
             log.exception("run %d: internal error; returning it to the queue", run.id)
             with anyio.move_on_after(5, shield=True):

@@ -14,6 +14,7 @@ from typing import Any
 import asyncpg
 import msgspec
 
+from orchestrator.errors import LeaseLost
 from orchestrator.events import CloudEvent
 from orchestrator.store.connection import acquire, create_pool, translate_errors
 from orchestrator.store.migrate import migrate
@@ -237,19 +238,24 @@ class Store:
     async def step_started(
         self, run_id: int, step: str, attempt: int, started_at: datetime, owner: str
     ) -> None:
+        """Record an attempt's start; raises :class:`LeaseLost` if ``owner`` lost the run."""
         async with acquire(self.pool, "record step start") as conn:
-            await conn.execute(
+            row = await conn.fetchrow(
                 """INSERT INTO step_attempts (run_id, step, attempt, status, owner, started_at)
-                   VALUES ($1, $2, $3, 'running', $4, $5)
+                   SELECT $1, $2, $3, 'running', $4, $5
+                   WHERE EXISTS (SELECT 1 FROM runs WHERE id = $1 AND lease_owner = $4)
                    ON CONFLICT (run_id, step, attempt) DO UPDATE
                    SET status = 'running', owner = $4, started_at = $5, finished_at = NULL,
-                       output = NULL, error = NULL""",
+                       output = NULL, error = NULL
+                   RETURNING attempt""",
                 run_id,
                 step,
                 attempt,
                 owner,
                 started_at,
             )
+        if row is None:
+            raise LeaseLost(f"run {run_id} is no longer held by {owner}")
 
     async def step_finished(
         self,
@@ -264,14 +270,18 @@ class Store:
         finished_at: datetime,
         owner: str,
     ) -> None:
+        """Record an attempt's outcome; raises :class:`LeaseLost` if ``owner`` lost the run
+        (another daemon resumed it), so an outcome is never recorded twice."""
         async with acquire(self.pool, "record step outcome") as conn:
-            await conn.execute(
+            row = await conn.fetchrow(
                 """INSERT INTO step_attempts
                        (run_id, step, attempt, status, output, error, owner, started_at,
                         finished_at)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                   SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9
+                   WHERE EXISTS (SELECT 1 FROM runs WHERE id = $1 AND lease_owner = $7)
                    ON CONFLICT (run_id, step, attempt) DO UPDATE
-                   SET status = $4, output = $5, error = $6, owner = $7, finished_at = $9""",
+                   SET status = $4, output = $5, error = $6, owner = $7, finished_at = $9
+                   RETURNING attempt""",
                 run_id,
                 step,
                 attempt,
@@ -282,6 +292,8 @@ class Store:
                 started_at,
                 finished_at,
             )
+        if row is None:
+            raise LeaseLost(f"run {run_id} is no longer held by {owner}")
 
     async def finish_run(
         self,
@@ -407,6 +419,36 @@ class Store:
                 limit,
             )
         return [DeadLetterRow(**dict(r)) for r in rows]
+
+    async def dead_letters_for_redrive(self, ids: Sequence[int] | None) -> list[DeadLetterRow]:
+        """Dead letters with their stored record, by id, or all not yet redriven."""
+        async with acquire(self.pool, "load dead letters") as conn:
+            rows = await conn.fetch(
+                """SELECT id, topic, kafka_partition, kafka_offset, value_size, reason,
+                          created_at, redriven_at, value, key, headers
+                   FROM dead_letters
+                   WHERE CASE WHEN $1::bigint[] IS NULL THEN redriven_at IS NULL
+                              ELSE id = ANY($1::bigint[]) END
+                   ORDER BY id""",
+                None if ids is None else list(ids),
+            )
+        return [
+            DeadLetterRow(
+                **{
+                    **dict(r),
+                    "value": None if r["value"] is None else bytes(r["value"]),
+                    "key": None if r["key"] is None else bytes(r["key"]),
+                    "headers": [tuple(h) for h in msgspec.json.decode(r["headers"])],
+                }
+            )
+            for r in rows
+        ]
+
+    async def mark_redriven(self, dead_letter_id: int) -> None:
+        async with acquire(self.pool, "mark dead letter redriven") as conn:
+            await conn.execute(
+                "UPDATE dead_letters SET redriven_at = now() WHERE id = $1", dead_letter_id
+            )
 
     # -- notifications ------------------------------------------------------------------
 

@@ -1,0 +1,185 @@
+"""Fault scenarios: daemons killed and restarted, Postgres restarted, SIGTERM mid-load.
+
+Each scenario runs real daemon processes against the session's broker and Postgres, then
+audits Postgres and the step-effects log: every event stored once, exactly one run per
+matching rule, every run ended, no step re-executed after its success was recorded, and
+dead letters only for the poison records. Each prints a ``[fault:...]`` line of counts.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+from pathlib import Path
+
+import anyio
+import pytest
+
+from orchestrator.dev import EmbeddedPostgres
+from tests.conftest import PgSchema
+from tests.faults.harness import (
+    Load,
+    audit,
+    migrate,
+    publish_load,
+    wait_settled,
+    write_config,
+)
+from tests.support.procs import DaemonProcess
+
+pytestmark = [pytest.mark.anyio, pytest.mark.timeout(300)]
+
+
+def daemons_for(config: Path, tmp_path: Path, effects: Path, count: int) -> list[DaemonProcess]:
+    env = {"ORCH_FAULT_EFFECTS": str(effects)}
+    return [DaemonProcess(config, tmp_path / f"daemon-{i}.log", env) for i in range(count)]
+
+
+async def test_two_daemons_killed_and_restarted_lose_and_duplicate_nothing(
+    kafka_bootstrap: str, topic: str, pg_dsn: str, pg_schema: PgSchema, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path / "orchestrator.toml",
+        bootstrap=kafka_bootstrap,
+        topic=topic,
+        dsn=pg_dsn,
+        schema=pg_schema.name,
+    )
+    effects = tmp_path / "effects.log"
+    await migrate(pg_dsn, pg_schema.name)
+    daemons = daemons_for(config, tmp_path, effects, 2)
+    rng = random.Random(11)
+    kills = 0
+    load = Load()
+    try:
+        for d in daemons:
+            await d.start()
+        await daemons[0].ready()
+
+        async def killer() -> None:
+            nonlocal kills
+            for _ in range(4):
+                await anyio.sleep(rng.uniform(0.8, 2.0))
+                victim = rng.choice(daemons)
+                await victim.kill()
+                kills += 1
+                await anyio.sleep(rng.uniform(0.1, 0.5))
+                await victim.start()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(killer)
+            await publish_load(kafka_bootstrap, topic, 3000, poison=5, pause=0.03, load=load)
+        await wait_settled(pg_dsn, pg_schema.name, load, daemons)
+        codes = [await d.stop() for d in daemons]
+    finally:
+        for d in daemons:
+            await d.aclose()
+
+    result = await audit(pg_dsn, pg_schema.name, load, effects)
+    print(result.line("kill-restart", daemons=2, kills=kills))
+    assert codes == [0, 0]
+    assert result.events == len(load.rows)
+    assert result.lost_runs == 0
+    assert result.duplicate_runs == 0
+    assert result.not_succeeded == 0
+    assert result.redone_after_success == 0
+    assert result.dead_letters == load.poison == 5
+    assert kills == 4
+
+
+async def test_postgres_restart_mid_load_loses_nothing(
+    kafka_bootstrap: str,
+    topic: str,
+    pg_dsn: str,
+    pg_schema: PgSchema,
+    tmp_path: Path,
+    postgres: EmbeddedPostgres,
+) -> None:
+    config = write_config(
+        tmp_path / "orchestrator.toml",
+        bootstrap=kafka_bootstrap,
+        topic=topic,
+        dsn=pg_dsn,
+        schema=pg_schema.name,
+    )
+    effects = tmp_path / "effects.log"
+    await migrate(pg_dsn, pg_schema.name)
+    daemons = daemons_for(config, tmp_path, effects, 1)
+    load = Load()
+    try:
+        await daemons[0].start()
+        await daemons[0].ready()
+
+        async def outage() -> None:
+            await anyio.sleep(1.0)
+            await postgres.stop(mode="immediate")
+            await anyio.sleep(3.0)
+            await postgres.start()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(outage)
+            await publish_load(kafka_bootstrap, topic, 1500, poison=2, pause=0.05, load=load)
+        await wait_settled(pg_dsn, pg_schema.name, load, daemons)
+        assert daemons[0].running, "the daemon must survive a Postgres outage"
+        code = await daemons[0].stop()
+    finally:
+        for d in daemons:
+            await d.aclose()
+        if not postgres.running:
+            await postgres.start()
+
+    result = await audit(pg_dsn, pg_schema.name, load, effects)
+    print(result.line("postgres-restart", outage_seconds=3))
+    assert code == 0
+    assert result.lost_runs == 0
+    assert result.duplicate_runs == 0
+    assert result.not_succeeded == 0
+    assert result.redone_after_success == 0
+    assert result.dead_letters == load.poison
+
+
+async def test_sigterm_mid_load_drains_then_restart_finishes(
+    kafka_bootstrap: str, topic: str, pg_dsn: str, pg_schema: PgSchema, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path / "orchestrator.toml",
+        bootstrap=kafka_bootstrap,
+        topic=topic,
+        dsn=pg_dsn,
+        schema=pg_schema.name,
+        grace=0.5,
+    )
+    effects = tmp_path / "effects.log"
+    await migrate(pg_dsn, pg_schema.name)
+    # Slow steps, so the stop lands while steps are in flight and some are interrupted.
+    daemon = DaemonProcess(
+        config,
+        tmp_path / "daemon.log",
+        {"ORCH_FAULT_EFFECTS": str(effects), "ORCH_FAULT_STEP_SECONDS": "0.4"},
+    )
+    load = Load()
+    try:
+        await daemon.start()
+        await daemon.ready()
+        await publish_load(kafka_bootstrap, topic, 300, pause=0.0, load=load)
+        await anyio.sleep(1.0)
+        daemon.signal(signal.SIGTERM)
+        code = await daemon.wait(within=30)
+        assert code == 0, daemon.log_tail()
+        log = daemon.log_path.read_text()
+        assert "shutdown 1/4: stopping intake" in log
+        assert "shutdown 4/4" in log
+        daemon.env["ORCH_FAULT_STEP_SECONDS"] = "0.002"
+        await daemon.start()
+        await wait_settled(pg_dsn, pg_schema.name, load, [daemon])
+        assert await daemon.stop() == 0
+    finally:
+        await daemon.aclose()
+
+    result = await audit(pg_dsn, pg_schema.name, load, effects)
+    print(result.line("sigterm-restart"))
+    assert result.interrupted_attempts > 0, "the stop should have interrupted steps in flight"
+    assert result.lost_runs == 0
+    assert result.duplicate_runs == 0
+    assert result.not_succeeded == 0
+    assert result.redone_after_success == 0
