@@ -203,7 +203,7 @@ def _runs(args: argparse.Namespace, settings: Settings) -> int:
             return 1
         if status == "running":
             print(f"run {run_id}: cancellation requested from the daemon running it")
-        elif status == "cancelled":
+        elif status == "pending":
             print(f"run {run_id} cancelled")
         else:
             print(f"run {run_id} is already {status}", file=sys.stderr)

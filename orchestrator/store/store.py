@@ -378,22 +378,22 @@ class Store:
     async def request_cancel(self, run_id: int) -> str | None:
         """Cancel a pending run now, or ask the daemon running it to cancel it.
 
-        Returns the run's status after the request, or None if there is no such run.
+        Returns the run's status *before* the request (``pending``: now cancelled;
+        ``running``: its daemon was asked; anything else: nothing changed), or None if
+        there is no such run.
         """
         async with acquire(self.pool, "cancel run") as conn, conn.transaction():
-            row = await conn.fetchrow(
-                """UPDATE runs SET
-                       status = CASE WHEN status = 'pending' THEN 'cancelled' ELSE status END,
-                       finished_at = CASE WHEN status = 'pending' THEN now() ELSE finished_at END,
-                       error = CASE WHEN status = 'pending' THEN 'cancelled by operator'
-                                    ELSE error END,
-                       cancel_requested = (status = 'running')
-                   WHERE id = $1 RETURNING status""",
-                run_id,
-            )
-            if row is not None and row["status"] == "running":
+            before = await conn.fetchval("SELECT status FROM runs WHERE id = $1 FOR UPDATE", run_id)
+            if before == "pending":
+                await conn.execute(
+                    """UPDATE runs SET status = 'cancelled', finished_at = now(),
+                           error = 'cancelled by operator' WHERE id = $1""",
+                    run_id,
+                )
+            elif before == "running":
+                await conn.execute("UPDATE runs SET cancel_requested = true WHERE id = $1", run_id)
                 await conn.execute("SELECT pg_notify($1, $2)", f"{self.schema}_cancel", str(run_id))
-        return None if row is None else str(row["status"])
+        return None if before is None else str(before)
 
     async def retry_run(self, run_id: int) -> str | None:
         """Queue a failed or cancelled run again; it resumes from its first unfinished step."""
