@@ -63,6 +63,7 @@ class Ingestor:
         self._health = health
         self._on_runs_created = on_runs_created
         self._stopping = False
+        self._stop_requested = anyio.Event()
         self._fetch_scope: anyio.CancelScope | None = None
         self._stopped = anyio.Event()
         self.batches = 0
@@ -70,6 +71,7 @@ class Ingestor:
     def stop(self) -> None:
         """Stop intake: the batch being written is finished and committed, then the loop ends."""
         self._stopping = True
+        self._stop_requested.set()
         if self._fetch_scope is not None:
             self._fetch_scope.cancel()
 
@@ -92,39 +94,67 @@ class Ingestor:
         )
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        consumer = self._consumer()
-        started = False
+        """Consume until :meth:`stop`. Reports started at once, even while Kafka is down
+        (the daemon then shows not-ready and keeps retrying with backoff)."""
+        task_status.started()
         try:
-            attempt = 0
-            while not self._stopping:
-                try:
-                    if self._settings.kafka.create_topics:
-                        await ensure_topics(self._settings, list(self._settings.kafka.topics))
-                    await consumer.start()
-                    break
-                except (KafkaError, BrokerError) as exc:
-                    self._health.set("kafka", False, f"cannot reach Kafka: {exc}")
-                    delay = backoff_delay(attempt)
-                    log.warning("Kafka unavailable (%s); retrying in %.1fs", exc, delay)
-                    attempt += 1
-                    if not started:
-                        task_status.started()
-                        started = True
-                    await anyio.sleep(delay)
-            self._health.set("kafka", True)
-            if not started:
-                task_status.started()
-            log.info(
-                "consuming %s as group %r",
-                ", ".join(self._settings.kafka.topics),
-                self._settings.kafka.group_id,
-            )
-            await self._loop(consumer)
+            consumer = await self._connect()
+            if consumer is None:
+                return
+            try:
+                log.info(
+                    "consuming %s as group %r",
+                    ", ".join(self._settings.kafka.topics),
+                    self._settings.kafka.group_id,
+                )
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._watch_broker, consumer)
+                    await self._loop(consumer)
+                    tg.cancel_scope.cancel()
+            finally:
+                with anyio.move_on_after(10, shield=True):
+                    await consumer.stop()
         finally:
-            with anyio.move_on_after(10, shield=True):
-                await consumer.stop()
             self._stopped.set()
             log.info("intake stopped")
+
+    async def _connect(self) -> AIOKafkaConsumer | None:
+        attempt = 0
+        while not self._stopping:
+            consumer = self._consumer()
+            try:
+                if self._settings.kafka.create_topics:
+                    await ensure_topics(self._settings, list(self._settings.kafka.topics))
+                await consumer.start()
+            except (KafkaError, BrokerError) as exc:
+                with anyio.move_on_after(5, shield=True):
+                    await consumer.stop()
+                self._health.set("kafka", False, f"cannot reach Kafka: {exc}")
+                delay = backoff_delay(attempt)
+                log.warning("Kafka unavailable (%s); retrying in %.1fs", exc, delay)
+                attempt += 1
+                await self._pause(delay)
+                continue
+            self._health.set("kafka", True)
+            return consumer
+        return None
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep for a backoff delay, waking early when a stop is requested."""
+        with anyio.move_on_after(seconds):
+            await self._stop_requested.wait()
+
+    async def _watch_broker(self, consumer: AIOKafkaConsumer, interval: float = 5.0) -> None:
+        """Readiness: ask the cluster for metadata every few seconds."""
+        while True:
+            await anyio.sleep(interval)
+            try:
+                with anyio.fail_after(interval):
+                    await consumer.topics()
+            except (KafkaError, TimeoutError) as exc:
+                self._health.set("kafka", False, f"Kafka unreachable: {exc or type(exc).__name__}")
+            else:
+                self._health.set("kafka", True)
 
     async def _loop(self, consumer: AIOKafkaConsumer) -> None:
         k = self._settings.kafka
@@ -264,7 +294,7 @@ class Ingestor:
                 delay = backoff_delay(attempt)
                 log.warning("cannot write batch (%s); retrying in %.1fs", exc, delay)
                 attempt += 1
-                await anyio.sleep(delay)
+                await self._pause(delay)
                 continue
             self._health.set("postgres", True)
             return result
