@@ -169,8 +169,12 @@ async def test_health_reports_ready_and_names_the_unreachable_dependency(
     ):
         live = await client.get("/livez")
         assert live.status_code == 200
-        ready = await client.get("/readyz")
-        assert ready.status_code == 200, ready.text
+
+        async def is_ready() -> httpx.Response | None:
+            r = await client.get("/readyz")
+            return r if r.status_code == 200 else None
+
+        ready = await wait_for(is_ready, within=15, what="readiness")
         assert ready.json()["components"] == {"kafka": "ok", "postgres": "ok"}
         probe = await run_cli(config, "health")
         assert probe.returncode == 0, probe.stderr
