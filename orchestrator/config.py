@@ -48,10 +48,11 @@ class KafkaSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=T
     group_id: str = "orchestrator"
     """Consumer group shared by every daemon replica."""
     client_id: str = "orchestrator"
+    """Client id reported to the brokers (shows up in broker logs and quotas)."""
     max_batch: int = 500
     """Most records taken by one ``getmany`` and written in one Postgres transaction."""
-    fetch_timeout_ms: int = 200
-    """How long ``getmany`` waits for a batch to fill once a record is available."""
+    fetch_timeout_ms: int = 1000
+    """How long one ``getmany`` waits when no record is available (the idle tick)."""
     max_record_bytes: int = 1_048_576
     """Records larger than this are dead-lettered without decoding."""
     publish_topic: str = "arrivals"
@@ -67,30 +68,43 @@ class KafkaSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=T
     enable_idempotence: bool = False
     """Idempotent producer. Turn on for Apache Kafka, Redpanda, MSK and Confluent."""
     session_timeout_ms: int = 10_000
+    """A member silent this long leaves the group and its partitions move to others."""
     heartbeat_interval_ms: int = 3_000
+    """Consumer-group heartbeat interval (a third of the session timeout or less)."""
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    """How clients talk to the brokers: TLS, SASL, both or neither."""
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    """SASL mechanism when ``security_protocol`` is ``SASL_*``."""
     sasl_username: str = ""
     sasl_password: str = ""
+    """Prefer ``sasl_password_file`` or ``ORCH_KAFKA__SASL_PASSWORD``; never logged."""
     sasl_password_file: str = ""
+    """File holding the SASL password (e.g. a mounted Kubernetes Secret)."""
     ssl_cafile: str = ""
+    """CA bundle to verify the brokers' certificates (default: the system's)."""
     ssl_certfile: str = ""
+    """Client certificate for mutual TLS."""
     ssl_keyfile: str = ""
+    """Private key of ``ssl_certfile``."""
 
 
 class PostgresSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     dsn: str = "postgresql://postgres@127.0.0.1:5432/orchestrator"
     """libpq-style DSN. Prefer ``dsn_file`` or ``ORCH_POSTGRES__DSN`` for one with a password."""
     dsn_file: str = ""
+    """File holding the DSN (e.g. a mounted Kubernetes Secret); wins over ``dsn``."""
     schema: str = "public"
     """Schema holding the orchestrator's tables (one per environment or test)."""
     pool_min: int = 2
+    """Connections the pool keeps open."""
     pool_max: int = 10
+    """Most connections one daemon opens (plus two for LISTEN)."""
     migrate_on_start: bool = False
     """Apply pending migrations when ``orchestrator run`` starts."""
     sslmode: str = ""
     """``disable``, ``require``, ``verify-ca`` or ``verify-full``; empty keeps the DSN's."""
     sslrootcert: str = ""
+    """CA file used with ``sslmode = "verify-ca"`` or ``"verify-full"``."""
 
 
 class RulesSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -111,22 +125,28 @@ class RunnerSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=
     lease_seconds: float = 30.0
     """A claimed run's lease; renewed every third of it, taken over by others when expired."""
     default_step_timeout: float = 300.0
+    """Seconds a step without its own ``timeout`` may run before it fails."""
     default_retries: int = 0
+    """Retries of steps that declare no retry policy (0: one attempt)."""
     shutdown_grace_seconds: float = 30.0
     """On SIGTERM, in-flight steps get this long to finish before they are cancelled."""
 
 
 class TelemetrySettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     service_name: str = "orchestrator"
+    """OTel ``service.name`` of the daemon's spans and metrics."""
     otlp_endpoint: str = ""
     """OTLP/HTTP endpoint (``http://collector:4318``). Empty: use ``OTEL_EXPORTER_OTLP_*``
     variables if set, otherwise export nothing."""
     log_level: str = "INFO"
+    """``DEBUG``, ``INFO``, ``WARNING`` or ``ERROR``."""
     log_format: Literal["text", "json"] = "text"
+    """``json`` writes one JSON object per line, with run and step ids as fields."""
 
 
 class HealthSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
+    """Address the health endpoint binds (``0.0.0.0`` in a container)."""
     port: int = 0
     """HTTP port for ``/livez`` and ``/readyz``; 0 disables the endpoint."""
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import anyio
 import msgspec
-from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, IllegalStateError, KafkaError
 from anyio.abc import TaskStatus
 from opentelemetry import trace
@@ -66,6 +66,7 @@ class Ingestor:
         self._stop_requested = anyio.Event()
         self._fetch_scope: anyio.CancelScope | None = None
         self._stopped = anyio.Event()
+        self._dlq: AIOKafkaProducer | None = None
         self.batches = 0
 
     def stop(self) -> None:
@@ -102,6 +103,9 @@ class Ingestor:
             if consumer is None:
                 return
             try:
+                if self._settings.kafka.dead_letter_topic:
+                    self._dlq = AIOKafkaProducer(**client_options(self._settings), acks="all")
+                    await self._dlq.start()
                 log.info(
                     "consuming %s as group %r",
                     ", ".join(self._settings.kafka.topics),
@@ -113,6 +117,8 @@ class Ingestor:
                     tg.cancel_scope.cancel()
             finally:
                 with anyio.move_on_after(10, shield=True):
+                    if self._dlq is not None:
+                        await self._dlq.stop()
                     await consumer.stop()
         finally:
             self._stopped.set()
@@ -161,7 +167,9 @@ class Ingestor:
         while not self._stopping:
             with anyio.CancelScope() as scope:
                 self._fetch_scope = scope
-                batch = await consumer.getmany(timeout_ms=1000, max_records=k.max_batch)
+                batch = await consumer.getmany(
+                    timeout_ms=k.fetch_timeout_ms, max_records=k.max_batch
+                )
             self._fetch_scope = None
             if scope.cancelled_caught or not batch:
                 continue
@@ -246,6 +254,8 @@ class Ingestor:
         if result.run_ids:
             inst.runs.add(len(result.run_ids), {"status": "pending"})
             self._on_runs_created()
+        if dead and self._settings.kafka.dead_letter_topic:
+            await self._copy_dead_letters(dead)
         await self._commit(consumer, records)
         self.batches += 1
 
@@ -298,6 +308,25 @@ class Ingestor:
                 continue
             self._health.set("postgres", True)
             return result
+
+    async def _copy_dead_letters(self, dead: Sequence[DeadLetter]) -> None:
+        """Copy dead letters to the dead-letter topic (the table stays the record)."""
+        if self._dlq is None:
+            return
+        topic = self._settings.kafka.dead_letter_topic
+        try:
+            for d in dead:
+                headers = [(k, v.encode()) for k, v in d.headers] + [
+                    ("orchestrator-dead-letter-reason", d.reason.encode()),
+                    (
+                        "orchestrator-dead-letter-origin",
+                        f"{d.topic}/{d.partition}/{d.offset}".encode(),
+                    ),
+                ]
+                await self._dlq.send(topic, d.value, key=d.key, headers=headers)
+            await self._dlq.flush()
+        except KafkaError as exc:
+            log.warning("could not copy %d dead letters to %s: %s", len(dead), topic, exc)
 
     async def _commit(self, consumer: AIOKafkaConsumer, records: Sequence[ConsumerRecord]) -> None:
         offsets: dict[TopicPartition, int] = {}

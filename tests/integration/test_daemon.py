@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import anyio
 import msgspec
 import pytest
 from aiokafka import AIOKafkaProducer
@@ -345,3 +346,38 @@ async def test_binary_mode_event_runs_pipeline(
         pg_dsn, pg_schema.name, "SELECT output FROM step_attempts WHERE step = 'double'"
     )
     assert msgspec.json.decode(out["output"]) == 14
+
+
+async def test_dead_letters_are_copied_to_the_dead_letter_topic(
+    kafka_bootstrap: str, new_topic: Any, pg_dsn: str, pg_schema: PgSchema
+) -> None:
+    from aiokafka import AIOKafkaConsumer
+
+    topic, dlq = await new_topic(), await new_topic(partitions=1)
+    traced = Traced()
+    settings = make_settings(
+        kafka_bootstrap, topic, pg_dsn, pg_schema.name, kafka={"dead_letter_topic": dlq}
+    )
+    async with running_daemon(settings, build_pipelines([]), RULES, traced):
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+        await producer.start()
+        try:
+            await producer.send_and_wait(topic, b"{oops", key=b"k", headers=[("h", b"v")])
+        finally:
+            await producer.stop()
+        consumer = AIOKafkaConsumer(
+            dlq, bootstrap_servers=kafka_bootstrap, auto_offset_reset="earliest"
+        )
+        await consumer.start()
+        try:
+            with anyio.fail_after(20):
+                record = await consumer.getone()
+        finally:
+            await consumer.stop()
+    assert record.value == b"{oops"
+    assert record.key == b"k"
+    headers = dict(record.headers)
+    assert headers["h"] == b"v"
+    assert b"not a CloudEvents JSON envelope" in headers["orchestrator-dead-letter-reason"]
+    name, _partition, offset = headers["orchestrator-dead-letter-origin"].decode().split("/")
+    assert (name, offset) == (topic, "0")
