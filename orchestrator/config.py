@@ -201,7 +201,15 @@ def _apply_env(doc: dict[str, Any], env: Mapping[str, str]) -> None:
             continue
         rest = name[len(ENV_PREFIX) :].lower()
         if "__" not in rest:
-            continue  # ORCH_CONFIG and friends are read by the CLI, not here
+            # ORCH_CONFIG and friends are read by the CLI; catch ORCH_KAFKA_TOPICS-style typos.
+            for section in sections:
+                if rest.startswith(section + "_"):
+                    fixed = f"{ENV_PREFIX}{section.upper()}__{rest[len(section) + 1 :].upper()}"
+                    raise ConfigError(
+                        f"{name}: did you mean {fixed}? (section and key are "
+                        "separated by a double underscore)"
+                    )
+            continue
         section, key = rest.split("__", 1)
         if section not in sections:
             raise ConfigError(f"{name}: unknown config section {section!r}")

@@ -47,7 +47,8 @@ class Health:
         self._components[component] = (ok, "ok" if ok else detail)
         if previous is not None and previous[0] != ok:
             if ok:
-                log.info("%s is healthy again", component)
+                again = "" if previous[1] == "starting" else " again"
+                log.info("%s is healthy%s", component, again)
             else:
                 log.warning("%s is unhealthy: %s", component, detail)
 

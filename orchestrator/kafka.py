@@ -30,9 +30,11 @@ def client_options(settings: Settings) -> dict[str, Any]:
         "security_protocol": k.security_protocol,
     }
     if k.security_protocol in ("SSL", "SASL_SSL"):
-        ctx = ssl.create_default_context(cafile=k.ssl_cafile or None)
+        cafile = str(settings.resolve(k.ssl_cafile)) if k.ssl_cafile else None
+        ctx = ssl.create_default_context(cafile=cafile)
         if k.ssl_certfile:
-            ctx.load_cert_chain(k.ssl_certfile, k.ssl_keyfile or None)
+            keyfile = str(settings.resolve(k.ssl_keyfile)) if k.ssl_keyfile else None
+            ctx.load_cert_chain(str(settings.resolve(k.ssl_certfile)), keyfile)
         opts["ssl_context"] = ctx
     if k.security_protocol.startswith("SASL"):
         opts["sasl_mechanism"] = k.sasl_mechanism

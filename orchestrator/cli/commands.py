@@ -273,7 +273,10 @@ def _health(args: argparse.Namespace, settings: Settings) -> int:
 
     if not settings.health.port:
         raise ConfigError("health.port is 0: the daemon serves no health endpoint")
-    conn = http.client.HTTPConnection(settings.health.host, settings.health.port, timeout=5)
+    host = settings.health.host
+    if host in ("0.0.0.0", "::", ""):  # a wildcard bind is probed on loopback
+        host = "127.0.0.1"
+    conn = http.client.HTTPConnection(host, settings.health.port, timeout=5)
     try:
         conn.request("GET", "/readyz")
         resp = conn.getresponse()

@@ -13,7 +13,6 @@ import stat
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import anyio
 
@@ -21,13 +20,13 @@ from orchestrator.dev._proc import reap
 from orchestrator.errors import ConfigError
 
 __all__ = [
+    "as_server_user",
     "check_reachable_by_server_user",
     "find_pg_bindir",
     "give_to_server_user",
     "initdb",
     "postgres_account",
     "server_env",
-    "server_user",
 ]
 
 INSTALL_HINT = "install the server: apt-get install postgresql (Debian/Ubuntu)"
@@ -75,14 +74,13 @@ async def initdb(
     command += ["-A", "trust", "-U", "postgres", "-E", "UTF8", "--locale=C"]
     with tempfile.TemporaryFile() as out:
         process = await anyio.open_process(
-            command,
+            as_server_user(command),
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
             env=server_env(),
             cwd="/",
             start_new_session=True,
-            **server_user(),
         )
         try:
             with anyio.move_on_after(limit):
@@ -152,9 +150,24 @@ def check_reachable_by_server_user(path: Path) -> None:
             )
 
 
-def server_user() -> dict[str, Any]:
-    """``user``/``group`` arguments that drop root to the ``postgres`` account."""
+def as_server_user(command: list[str]) -> list[str]:
+    """``command``, run as the ``postgres`` account when we are root.
+
+    ``setpriv`` drops privileges and then execs the command, so the server stays our direct
+    child (its PID is the one we wait on and signal). It works on every event loop,
+    including uvloop, whose subprocess API has no ``user``/``group`` arguments.
+    """
     if os.geteuid() != 0:
-        return {}
+        return command
     account = postgres_account()
-    return {"user": account.pw_uid, "group": account.pw_gid, "extra_groups": []}
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        raise ConfigError("running as root needs `setpriv` (util-linux) to start Postgres")
+    return [
+        setpriv,
+        f"--reuid={account.pw_uid}",
+        f"--regid={account.pw_gid}",
+        "--clear-groups",
+        "--",
+        *command,
+    ]

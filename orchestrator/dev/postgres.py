@@ -33,12 +33,12 @@ import asyncpg
 from anyio.abc import Process
 
 from orchestrator.dev._pgtools import (
+    as_server_user,
     check_reachable_by_server_user,
     find_pg_bindir,
     give_to_server_user,
     initdb,
     server_env,
-    server_user,
 )
 from orchestrator.dev._proc import backoff, free_port, log_tail, open_log, reap
 from orchestrator.errors import ConfigError, StoreError
@@ -295,7 +295,7 @@ class EmbeddedPostgres:
             give_to_server_user(log_path)
         offset = self._log.tell()
         self._process = await anyio.open_process(
-            command,
+            as_server_user(command),
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=self._log,
@@ -304,7 +304,6 @@ class EmbeddedPostgres:
             # Own session: a terminal's Ctrl-C reaches only us, and we stop the server
             # after the clients.
             start_new_session=True,
-            **server_user(),
         )
         for delay in backoff():
             if self._process.returncode is not None:

@@ -50,6 +50,7 @@ def test_file_values_and_env_overrides(tmp_path: Path) -> None:
         ("[kafkaa]\n", {}, "unknown config key 'kafkaa'"),
         ("", {"ORCH_NOPE__X": "1"}, "ORCH_NOPE__X: unknown config section 'nope'"),
         ("", {"ORCH_KAFKA__NOPE": "1"}, "unknown config key 'kafka.nope'"),
+        ("", {"ORCH_HEALTH_PORT": "1"}, "ORCH_HEALTH_PORT: did you mean ORCH_HEALTH__PORT?"),
         ('[runner]\nlease_seconds = "long"\n', {}, "runner.lease_seconds"),
         ("[kafka\n", {}, "not valid TOML"),
     ],
