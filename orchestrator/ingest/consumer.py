@@ -150,15 +150,18 @@ class Ingestor:
         with anyio.move_on_after(seconds):
             await self._stop_requested.wait()
 
-    async def _watch_broker(self, consumer: AIOKafkaConsumer, interval: float = 5.0) -> None:
-        """Readiness: ask the cluster for metadata every few seconds."""
+    async def _watch_broker(
+        self, consumer: AIOKafkaConsumer, interval: float = 2.0, patience: float = 3.0
+    ) -> None:
+        """Readiness: ask the cluster for metadata every ``interval`` seconds."""
         while True:
             await anyio.sleep(interval)
             try:
-                with anyio.fail_after(interval):
+                with anyio.fail_after(patience):
                     await consumer.topics()
             except (KafkaError, TimeoutError) as exc:
-                self._health.set("kafka", False, f"Kafka unreachable: {exc or type(exc).__name__}")
+                reason = str(exc) or f"no answer within {patience:.0f}s"
+                self._health.set("kafka", False, f"Kafka unreachable: {reason}")
             else:
                 self._health.set("kafka", True)
 

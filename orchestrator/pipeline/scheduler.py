@@ -199,15 +199,17 @@ class Scheduler:
         interval = self._settings.lease_seconds / 3
         while True:
             await anyio.sleep(interval)
+            sent = list(self._inflight)
             try:
-                held = await self._store.heartbeat(
-                    self.owner, list(self._inflight), self._settings.lease_seconds
-                )
+                held = await self._store.heartbeat(self.owner, sent, self._settings.lease_seconds)
                 expired = await self._store.reclaim_expired()
             except StoreError as exc:
                 self._health.set("postgres", False, str(exc))
                 continue
-            for run_id in list(self._inflight):
+            # Only the runs this heartbeat asked about: runs claimed meanwhile have a fresh lease.
+            for run_id in sent:
+                if run_id not in self._inflight:
+                    continue
                 if run_id not in held:
                     log.warning("run %d: lease lost to another daemon; stopping it here", run_id)
                     self.cancel_run(run_id, "lost")
@@ -245,7 +247,8 @@ class Scheduler:
                 await self._store.release_run(run.id, self.owner)
         finally:
             inst.runs_in_flight.add(-1, {"pipeline": run.pipeline})
-            self._inflight.pop(run.id, None)
+            if self._inflight.get(run.id) is inflight:  # not a newer claim of the same run
+                del self._inflight[run.id]
             if not self._inflight:
                 self._idle.set()
             self.wake()

@@ -8,14 +8,16 @@ dead letters only for the poison records. Each prints a ``[fault:...]`` line of 
 
 from __future__ import annotations
 
+import os
 import random
 import signal
 from pathlib import Path
 
 import anyio
+import httpx
 import pytest
 
-from orchestrator.dev import EmbeddedPostgres
+from orchestrator.dev import EmbeddedBroker, EmbeddedPostgres
 from tests.conftest import PgSchema
 from tests.faults.harness import (
     Load,
@@ -167,6 +169,7 @@ async def test_sigterm_mid_load_drains_then_restart_finishes(
         code = await daemon.wait(within=30)
         assert code == 0, daemon.log_tail()
         log = daemon.log_path.read_text()
+        assert "lease lost" not in log, "a lone daemon must keep the leases it renews"
         assert "shutdown 1/4: stopping intake" in log
         assert "shutdown 4/4" in log
         daemon.env["ORCH_FAULT_STEP_SECONDS"] = "0.002"
@@ -183,3 +186,59 @@ async def test_sigterm_mid_load_drains_then_restart_finishes(
     assert result.duplicate_runs == 0
     assert result.not_succeeded == 0
     assert result.redone_after_success == 0
+
+
+async def test_broker_unreachable_for_ten_seconds_loses_nothing(
+    kafka_bootstrap: str,
+    topic: str,
+    pg_dsn: str,
+    pg_schema: PgSchema,
+    tmp_path: Path,
+    broker: EmbeddedBroker,
+) -> None:
+    """The broker is frozen (SIGSTOP): connections stay open but nothing answers, as in a
+    network partition. The daemon reports not-ready, keeps running, and catches up."""
+    config = write_config(
+        tmp_path / "orchestrator.toml",
+        bootstrap=kafka_bootstrap,
+        topic=topic,
+        dsn=pg_dsn,
+        schema=pg_schema.name,
+    )
+    effects = tmp_path / "effects.log"
+    await migrate(pg_dsn, pg_schema.name)
+    daemon = DaemonProcess(config, tmp_path / "daemon.log", {"ORCH_FAULT_EFFECTS": str(effects)})
+    load = Load()
+    not_ready_seen = False
+    assert broker.pid is not None
+    try:
+        await daemon.start()
+        await daemon.ready()
+        await publish_load(kafka_bootstrap, topic, 600, poison=1, load=load, seed=1)
+        os.kill(broker.pid, signal.SIGSTOP)
+        try:
+            async with httpx.AsyncClient(timeout=2) as client:
+                with anyio.move_on_after(10):
+                    while True:
+                        r = await client.get(f"http://127.0.0.1:{daemon.health_port}/readyz")
+                        if r.status_code == 503 and r.json()["components"]["kafka"] != "ok":
+                            not_ready_seen = True
+                        await anyio.sleep(0.5)
+            assert daemon.running, "the daemon must survive a broker outage"
+        finally:
+            os.kill(broker.pid, signal.SIGCONT)
+        await publish_load(kafka_bootstrap, topic, 600, load=load, seed=2)
+        await wait_settled(pg_dsn, pg_schema.name, load, [daemon])
+        await daemon.ready(within=30)
+        assert await daemon.stop() == 0
+    finally:
+        await daemon.aclose()
+
+    result = await audit(pg_dsn, pg_schema.name, load, effects)
+    print(result.line("broker-unreachable", outage_seconds=10, not_ready_seen=not_ready_seen))
+    assert not_ready_seen, "readiness must report the broker outage"
+    assert result.lost_runs == 0
+    assert result.duplicate_runs == 0
+    assert result.not_succeeded == 0
+    assert result.redone_after_success == 0
+    assert result.dead_letters == load.poison == 1
