@@ -27,6 +27,7 @@ from tests.faults.harness import (
     wait_settled,
     write_config,
 )
+from tests.support.helpers import wait_for
 from tests.support.procs import DaemonProcess
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(300)]
@@ -242,3 +243,40 @@ async def test_broker_unreachable_for_ten_seconds_loses_nothing(
     assert result.not_succeeded == 0
     assert result.redone_after_success == 0
     assert result.dead_letters == load.poison == 1
+
+
+async def test_second_signal_stops_at_once(
+    kafka_bootstrap: str, topic: str, pg_dsn: str, pg_schema: PgSchema, tmp_path: Path
+) -> None:
+    config = write_config(
+        tmp_path / "orchestrator.toml",
+        bootstrap=kafka_bootstrap,
+        topic=topic,
+        dsn=pg_dsn,
+        schema=pg_schema.name,
+        grace=60,
+    )
+    await migrate(pg_dsn, pg_schema.name)
+    daemon = DaemonProcess(
+        config,
+        tmp_path / "daemon.log",
+        {"ORCH_FAULT_EFFECTS": str(tmp_path / "effects.log"), "ORCH_FAULT_STEP_SECONDS": "30"},
+    )
+    try:
+        await daemon.start()
+        await daemon.ready()
+        await publish_load(kafka_bootstrap, topic, 5)
+
+        async def in_flight() -> bool:
+            return (tmp_path / "effects.log").exists()
+
+        await wait_for(in_flight, within=20, what="a step to start")
+        daemon.signal(signal.SIGTERM)
+        await anyio.sleep(0.5)
+        assert daemon.running, "the first signal drains (grace 60 s) rather than exiting"
+        daemon.signal(signal.SIGINT)
+        code = await daemon.wait(within=10)
+    finally:
+        await daemon.aclose()
+    assert code == 0
+    assert "second signal: stopping now" in daemon.log_path.read_text()

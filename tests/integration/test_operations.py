@@ -263,3 +263,57 @@ async def test_store_migrations_are_idempotent(pg_dsn: str, pg_schema: PgSchema)
         second = await store.migrate()
     assert first[0] == "0001_init"
     assert second == []
+
+
+async def test_dead_letter_redrive_after_raising_the_size_limit(
+    kafka_bootstrap: str, topic: str, pg_dsn: str, pg_schema: PgSchema, tmp_path: Path
+) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    from orchestrator.events import encode_structured
+
+    p = Pipeline("p")
+
+    @p.step()
+    async def size(ctx: StepContext) -> int:
+        return len(ctx.event.data.attributes["blob"])
+
+    big = new_arrival("ops.data", attributes={"blob": "x" * 3000})
+    traced = Traced()
+    small = make_settings(
+        kafka_bootstrap, topic, pg_dsn, pg_schema.name, kafka={"max_record_bytes": 2048}
+    )
+    async with running_daemon(small, {"p": p}, RULES, traced):
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+        await producer.start()
+        try:
+            await producer.send_and_wait(topic, encode_structured(big), key=b"ops.data")
+        finally:
+            await producer.stop()
+
+        async def dead_lettered() -> bool:
+            return bool(await fetch(pg_dsn, pg_schema.name, "SELECT id FROM dead_letters"))
+
+        await wait_for(dead_lettered, what="the oversize record to be dead-lettered")
+
+    config = write_config(small, tmp_path)
+    listed = await run_cli(config, "dead-letters")
+    assert "exceeds the limit of 2048 bytes" in listed.stdout
+    redriven = await run_cli(config, "dead-letters", "redrive", "--all")
+    assert redriven.returncode == 0, redriven.stderr
+    assert "redriven" in redriven.stdout
+    again = await run_cli(config, "dead-letters", "redrive", "--all")
+    assert again.stdout == ""  # nothing left to redrive
+
+    roomy = make_settings(kafka_bootstrap, topic, pg_dsn, pg_schema.name)
+    async with running_daemon(roomy, {"p": p}, RULES, traced):
+
+        async def done() -> bool:
+            rows = await fetch(pg_dsn, pg_schema.name, "SELECT status FROM runs")
+            return bool(rows) and rows[0]["status"] == "succeeded"
+
+        await wait_for(done, what="the redriven event's run")
+    (out,) = await fetch(pg_dsn, pg_schema.name, "SELECT output FROM step_attempts")
+    assert msgspec.json.decode(out["output"]) == 3000
+    (event,) = await fetch(pg_dsn, pg_schema.name, "SELECT event_id FROM events")
+    assert event["event_id"] == big.id
