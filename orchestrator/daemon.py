@@ -25,10 +25,11 @@ import anyio
 import asyncpg
 from anyio.abc import TaskStatus
 
+from orchestrator.backoff import backoff_delay
 from orchestrator.config import Settings
 from orchestrator.errors import StoreError
 from orchestrator.health import Health, serve_health
-from orchestrator.ingest import Ingestor, backoff_delay
+from orchestrator.ingest import DeadlineWatcher, FlowPlan, Ingestor
 from orchestrator.loading import load_pipelines, load_ruleset
 from orchestrator.pipeline import Pipeline
 from orchestrator.pipeline.scheduler import Scheduler
@@ -126,16 +127,32 @@ class Daemon:
                     applied = await store.migrate()
                     if applied:
                         log.info("applied migrations: %s", ", ".join(applied))
+                plan = FlowPlan(self.rules)
                 scheduler = Scheduler(
-                    store, self.pipelines, self.telemetry, s.runner, self.health, owner=self.owner
+                    store,
+                    self.pipelines,
+                    self.telemetry,
+                    s.runner,
+                    self.health,
+                    owner=self.owner,
+                    flow=plan.any or bool(plan.correlators),
                 )
+                deadlines = DeadlineWatcher(
+                    store, plan, self.health, on_runs_created=scheduler.wake
+                )
+
+                def _created() -> None:
+                    scheduler.wake()
+                    deadlines.wake()
+
                 ingestor = Ingestor(
                     s,
                     store,
                     self.rules,
                     self.telemetry,
                     self.health,
-                    on_runs_created=scheduler.wake,
+                    on_runs_created=_created,
+                    plan=plan,
                 )
                 self.scheduler, self.ingestor = scheduler, ingestor
                 services = anyio.CancelScope()
@@ -144,6 +161,8 @@ class Daemon:
                     with services:
                         async with anyio.create_task_group() as inner:
                             inner.start_soon(self._notifications, store, scheduler)
+                            if plan.correlators:
+                                inner.start_soon(deadlines.run)
                             await anyio.sleep_forever()
 
                 tg.start_soon(_services)

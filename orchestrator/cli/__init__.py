@@ -87,6 +87,24 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("event_file", help="a CloudEvents JSON file ('-' for stdin)")
     explain.add_argument("--rules", nargs="*", help="rule files (default: the config's)")
 
+    rp = sub.add_parser(
+        "replay", help="re-evaluate stored events against rules; create the missing runs"
+    )
+    rp.add_argument(
+        "--from",
+        dest="since",
+        metavar="TIME",
+        help="events received at or after TIME (ISO 8601, e.g. 2026-11-24T00:00Z)",
+    )
+    rp.add_argument(
+        "--offsets",
+        metavar="TOPIC:PARTITION:FIRST-LAST",
+        help="events from this Kafka offset range",
+    )
+    rp.add_argument("--rules", nargs="*", help="rule files (default: the config's)")
+    rp.add_argument("--dry-run", action="store_true", help="print the runs, create nothing")
+    rp.add_argument("--json", action="store_true")
+
     db = sub.add_parser("db", help="database administration")
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
     db_sub.add_parser("migrate", help="apply pending migrations")

@@ -55,6 +55,7 @@ def dispatch(args: argparse.Namespace, config: str | None) -> int:
         "db": _db,
         "dead-letters": _dead_letters,
         "health": _health,
+        "replay": _replay,
     }
     return handlers[cmd](args, settings)
 
@@ -290,6 +291,87 @@ def _health(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         conn.close()
     return 0 if resp.status == 200 else 1
+
+
+# -- replay -------------------------------------------------------------------------------
+
+
+def _parse_offsets(text: str) -> tuple[str, int, tuple[int, int]]:
+    try:
+        topic, partition, span = text.rsplit(":", 2)
+        first, _, last = span.partition("-")
+        return topic, int(partition), (int(first), int(last) if last else 2**62)
+    except ValueError:
+        raise ConfigError(
+            f"--offsets {text!r}: expected TOPIC:PARTITION:FIRST-LAST, e.g. arrivals:0:100-250"
+        ) from None
+
+
+def _replay(args: argparse.Namespace, settings: Settings) -> int:
+    from datetime import datetime
+
+    from orchestrator.replay import replay
+    from orchestrator.triggers import load_rules
+
+    if not args.since and not args.offsets:
+        raise ConfigError("replay: pass --from TIME or --offsets TOPIC:PARTITION:FIRST-LAST")
+    since = None
+    if args.since:
+        try:
+            since = datetime.fromisoformat(args.since.replace("Z", "+00:00"))
+        except ValueError:
+            raise ConfigError(f"--from {args.since!r}: expected an ISO 8601 time") from None
+        if since.tzinfo is None:
+            raise ConfigError(f"--from {args.since!r}: give a time zone, e.g. 2026-11-24T00:00Z")
+    topic = partition = offsets = None
+    if args.offsets:
+        topic, partition, offsets = _parse_offsets(args.offsets)
+    files = [Path(f) for f in (args.rules or [])] or [
+        settings.resolve(f) for f in settings.rules.files
+    ]
+    if not files:
+        raise ConfigError("replay: pass --rules FILE..., or a config with rules.files")
+    rules = load_rules(files)
+
+    async def _go(store: Any) -> int:
+        flt = {"since": since, "topic": topic, "partition": partition, "offsets": offsets}
+        total = await store.count_events(**flt)
+
+        def progress(done: int, runs: int) -> None:
+            if sys.stderr.isatty() or total > 0:
+                width = 30
+                filled = width * done // max(total, 1)
+                print(
+                    f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{total} events, "
+                    f"{runs} new runs",
+                    end="",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+        report = await replay(
+            store, rules, store.iter_events(**flt), dry_run=args.dry_run, progress=progress
+        )
+        if total:
+            print(file=sys.stderr)
+        if args.json:
+            print(
+                msgspec.json.encode(
+                    {"events": report.events, "planned": report.planned, "created": report.created}
+                ).decode()
+            )
+            return 0
+        for p in report.planned:
+            state = "exists " if p.exists else ("would create" if args.dry_run else "created")
+            print(f"{state:12}  {p.rule} -> {p.pipeline}  {p.trigger_key}  events {p.event_ids}")
+        verb = "would create" if args.dry_run else "created"
+        print(
+            f"{report.events} events replayed: {report.new} runs {verb}, "
+            f"{len(report.planned) - report.new} already existed"
+        )
+        return 0
+
+    return _with_store(settings, _go)
 
 
 # -- rules --------------------------------------------------------------------------------

@@ -9,9 +9,9 @@ events by (source, id) and runs by (rule, trigger key), so nothing is lost or do
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 import anyio
@@ -22,25 +22,22 @@ from anyio.abc import TaskStatus
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from orchestrator.backoff import backoff_delay
 from orchestrator.config import Settings
 from orchestrator.errors import BrokerError, EventError, StoreError, StoreRejected
 from orchestrator.events import decode_record
 from orchestrator.health import Health
+from orchestrator.ingest.writer import FlowPlan, write_batch
 from orchestrator.kafka import client_options, ensure_topics
 from orchestrator.store import DeadLetter, IncomingEvent, IngestResult, RunRequest, Store
 from orchestrator.telemetry import Telemetry, extract_headers, traceparent_of
-from orchestrator.triggers import RuleSet, event_to_dict
+from orchestrator.triggers import RuleSet, event_to_dict, key_of, render_params
 
 __all__ = ["Ingestor"]
 
 log = logging.getLogger(__name__)
 
 _DEAD_VALUE_PREFIX = 64 * 1024  # bytes of an oversize record kept in the dead-letter row
-
-
-def backoff_delay(attempt: int, *, base: float = 0.2, cap: float = 10.0) -> float:
-    """Exponential backoff with full jitter, for reconnecting to Kafka or Postgres."""
-    return random.uniform(0, min(cap, base * 2**attempt))
 
 
 class Ingestor:
@@ -55,10 +52,12 @@ class Ingestor:
         health: Health,
         *,
         on_runs_created: Callable[[], None] = lambda: None,
+        plan: FlowPlan | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
         self._rules = rules
+        self._plan = plan if plan is not None else FlowPlan(rules)
         self._tel = telemetry
         self._health = health
         self._on_runs_created = on_runs_created
@@ -218,15 +217,21 @@ class Ingestor:
             span.set_attribute("messaging.message.id", event.id)
             span.set_attribute("orchestrator.dataset", event.data.dataset)
             tp, ts = traceparent_of(span)
+            view = event_to_dict(event)
             requests = tuple(
                 RunRequest(
                     rule=rule.name,
                     pipeline=rule.pipeline,
                     trigger_key=f"event:{event.source}#{event.id}",
                     priority=rule.priority,
-                    params=dict(rule.params),
+                    params=render_params(rule.params, view) if rule.params else {},
+                    flow_key=key_of(rule, view) if rule.name in self._plan.specs else None,
                 )
-                for rule in self._rules.match(event_to_dict(event))
+                for rule in self._rules.match(view)
+            )
+            correlations = tuple(
+                (corr.rule.name, key, tuple(conditions))
+                for corr, key, conditions in self._rules.correlate(view)
             )
             events.append(
                 IncomingEvent(
@@ -239,6 +244,7 @@ class Ingestor:
                     traceparent=tp,
                     tracestate=ts,
                     runs=requests,
+                    correlations=correlations,
                 )
             )
         try:
@@ -256,7 +262,8 @@ class Ingestor:
             inst.dead_letters.add(result.dead_letters)
         if result.run_ids:
             inst.runs.add(len(result.run_ids), {"status": "pending"})
-            self._on_runs_created()
+        if result.run_ids or any(e.correlations for e in events):
+            self._on_runs_created()  # new runs, or new deadlines to watch
         if dead and self._settings.kafka.dead_letter_topic:
             await self._copy_dead_letters(dead)
         await self._commit(consumer, records)
@@ -271,7 +278,9 @@ class Ingestor:
         rejected ones become dead letters, so one bad record never blocks its partition.
         """
         try:
-            return await self._retrying(lambda: self._store.ingest(events, dead))
+            return await self._retrying(
+                lambda: write_batch(self._store, self._rules, self._plan, events, dead)
+            )
         except StoreRejected as exc:
             log.warning("batch rejected by Postgres (%s); isolating the bad records", exc)
         new = dup = 0
@@ -279,19 +288,24 @@ class Ingestor:
         rejected = list(dead)
         for e in events:
             try:
-                r = await self._retrying(lambda e=e: self._store.ingest([e], []))  # type: ignore[misc]
+                r = await self._retrying(partial(self._write_one, e))
             except StoreRejected as exc:
                 rejected.append(_rejected(e, str(exc)))
                 continue
             if r is None:
                 return None
             new, dup, run_ids = new + r.new_events, dup + r.duplicate_events, run_ids + r.run_ids
-        r = await self._retrying(lambda: self._store.ingest([], rejected))
+        r = await self._retrying(
+            lambda: write_batch(self._store, self._rules, self._plan, [], rejected)
+        )
         if r is None:
             return None
         return IngestResult(
             new_events=new, duplicate_events=dup, dead_letters=len(rejected), run_ids=run_ids
         )
+
+    async def _write_one(self, event: IncomingEvent) -> IngestResult:
+        return await write_batch(self._store, self._rules, self._plan, [event], [])
 
     async def _retrying(self, write: Callable[[], Awaitable[IngestResult]]) -> IngestResult | None:
         attempt = 0

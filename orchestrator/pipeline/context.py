@@ -26,6 +26,7 @@ class StepContext:
     """The run's id; stable across retries and resumes, so usable as an idempotency key."""
     pipeline: str
     step: str
+    """The step's name; ``load[3]`` for item 3 of the mapped step ``load``, as recorded."""
     attempt: int
     """1 for the first attempt of the step in this run, counting on across resumes."""
     events: tuple[CloudEvent, ...]
@@ -40,6 +41,8 @@ class StepContext:
     """The span of this attempt (``step <name>``); add attributes or events to it."""
     connectors: Mapping[str, Any]
     """Connectors configured for the daemon, by name."""
+    map_index: int | None = None
+    """The item's index in the mapped list, for an item of a mapped step; else ``None``."""
 
     @property
     def event(self) -> CloudEvent:
@@ -65,6 +68,7 @@ class StepContext:
         connectors: Mapping[str, Any] | None = None,
         span: trace.Span = trace.INVALID_SPAN,
         logger: logging.Logger | None = None,
+        map_index: int | None = None,
     ) -> StepContext:
         """Build a context, e.g. to call a step function directly in a test.
 
@@ -84,6 +88,7 @@ class StepContext:
             ),
             span=span,
             connectors=_frozen(connectors),
+            map_index=map_index,
         )
 
 

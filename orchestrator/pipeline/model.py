@@ -1,39 +1,45 @@
 """Pipelines and their steps: what step authors declare.
 
 A :class:`Pipeline` is a named set of ``async def`` steps registered with
-:meth:`Pipeline.step`. The dependencies of a step are its ``depends_on`` entries plus the
-names of its parameters after the context; those parameters receive the outputs of the
-steps they name. Mistakes local to one step (not ``async``, no context parameter, a name
-used twice) raise :class:`~orchestrator.errors.PipelineError` where the step is declared;
-mistakes in the graph (an unknown dependency, a cycle) raise it from
-:meth:`Pipeline.validate`, which the runner calls before the first run. Declaring steps does
-no I/O.
+:meth:`Pipeline.step`. The dependencies of a step are its ``depends_on`` entries, its
+``map_over`` step, the names of its parameters after the context (and after the item, for a
+mapped step) and the names of its ``skip_if`` parameters after the context; parameters
+receive the outputs of the steps they name. Mistakes local to one step (not ``async``, no
+context parameter, a name used twice) raise :class:`~orchestrator.errors.PipelineError`
+where the step is declared; mistakes in the graph (an unknown dependency, a cycle, mapping
+over a step that does not return a list) raise it from :meth:`Pipeline.validate`, which the
+runner calls before the first run. Declaring steps does no I/O.
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
-import logging
-import typing
+import types
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, TypeVar, overload
 
 import msgspec
 
 from orchestrator.errors import PipelineError
+from orchestrator.pipeline import dataflow
 from orchestrator.pipeline.retry import RetryPolicy
 
-__all__ = ["Pipeline", "Plan", "Step", "StepFunction"]
+__all__ = ["DEFAULT_MAP_CONCURRENCY", "Pipeline", "Plan", "SkipCondition", "Step", "StepFunction"]
 
 StepFunction = Callable[..., Awaitable[Any]]
 """An ``async def`` taking the step context, then one parameter per consumed upstream step."""
 
+SkipCondition = Callable[..., object]
+"""A plain function taking the step context, then one parameter per upstream step it reads;
+a true result skips the step."""
+
 F = TypeVar("F", bound=StepFunction)
 
-_log = logging.getLogger(__name__)
+DEFAULT_MAP_CONCURRENCY = 8
+"""Items of a mapped step in flight at once when the step sets no ``concurrency``."""
 
 _CTX_KINDS = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
 _INPUT_KINDS = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
@@ -53,6 +59,20 @@ class Step:
     """``None`` uses the runner's default policy."""
     timeout: float | None
     """Seconds per attempt; ``None`` uses the runner's default."""
+    map_over: str | None = None
+    """The step whose list this step maps over, one call per item; ``None``: not mapped."""
+    item: str | None = None
+    """The parameter that receives one item (mapped steps only)."""
+    concurrency: int | None = None
+    """Items in flight at once (mapped steps only)."""
+    skip_if: SkipCondition | None = None
+    """Called before the first attempt; a true result skips the step."""
+    skip_inputs: tuple[str, ...] = ()
+    """Parameters of ``skip_if`` after the context; each receives the output it names."""
+
+
+def _empty() -> Mapping[str, Any]:
+    return MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -67,22 +87,61 @@ class Plan:
     dependents: Mapping[str, tuple[str, ...]]
     """For each step, the steps that depend on it."""
     output_types: Mapping[str, Any]
-    """Each step's return annotation (``Any`` when it has none or it cannot be resolved)."""
+    """Each step's return annotation (``Any`` when it has none or it cannot be resolved);
+    ``list[R]`` for a mapped step whose function returns ``R``."""
     decoders: Mapping[str, msgspec.json.Decoder[Any]]
     """Decoders of stored outputs, one per step, typed by ``output_types``."""
+    input_types: Mapping[str, Mapping[str, Any]] = field(default_factory=_empty)
+    """For each step, the annotation of each input parameter (``Any``: not converted)."""
+    item_types: Mapping[str, Any] = field(default_factory=_empty)
+    """For each mapped step, the annotation of its item parameter."""
+    item_decoders: Mapping[str, msgspec.json.Decoder[Any]] = field(default_factory=_empty)
+    """For each mapped step, the decoder of one item's stored output."""
 
 
 class Pipeline:
     """A named set of steps. Declare steps with :meth:`step`."""
 
-    def __init__(self, name: str, *, description: str = "") -> None:
+    def __init__(
+        self,
+        name: str,
+        *,
+        description: str = "",
+        timeout: float | None = None,
+        max_concurrent_runs: int | None = None,
+    ) -> None:
+        """``timeout``: seconds a run may take, each execution counted alone (``None``: no
+        limit). ``max_concurrent_runs``: runs of this pipeline executing at once across the
+        daemons (``None``: only the daemon's own limit); enforced by the scheduler."""
         if not isinstance(name, str) or not name.strip():
             raise PipelineError(f"a pipeline needs a non-empty name, got {name!r}")
+        where = f"pipeline {name!r}"
         self.name = name
         self.description = description
+        self._timeout = _timeout(timeout, where, "no limit")
+        if max_concurrent_runs is not None and (
+            isinstance(max_concurrent_runs, bool)
+            or not isinstance(max_concurrent_runs, int)
+            or max_concurrent_runs < 1
+        ):
+            raise PipelineError(
+                f"{where}: max_concurrent_runs must be an integer >= 1 (or None for no limit"
+                f" of its own), got {max_concurrent_runs!r}"
+            )
+        self._max_concurrent_runs = max_concurrent_runs
         self._steps: dict[str, Step] = {}
         self._names_by_fn: dict[StepFunction, str | None] = {}
         self._plan: Plan | None = None
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds one execution of a run may take; ``None``: no limit."""
+        return self._timeout
+
+    @property
+    def max_concurrent_runs(self) -> int | None:
+        """Runs of this pipeline executing at once; ``None``: no limit of its own."""
+        return self._max_concurrent_runs
 
     def __repr__(self) -> str:
         return f"Pipeline({self.name!r}, steps={list(self._steps)!r})"
@@ -104,6 +163,9 @@ class Pipeline:
         depends_on: Iterable[str | StepFunction] | str = (),
         retry: RetryPolicy | int | None = None,
         timeout: float | None = None,
+        map_over: str | StepFunction | None = None,
+        concurrency: int | None = None,
+        skip_if: SkipCondition | None = None,
     ) -> Callable[[F], F]: ...
 
     def step(
@@ -114,6 +176,9 @@ class Pipeline:
         depends_on: Iterable[str | StepFunction] | str = (),
         retry: RetryPolicy | int | None = None,
         timeout: float | None = None,
+        map_over: str | StepFunction | None = None,
+        concurrency: int | None = None,
+        skip_if: SkipCondition | None = None,
     ) -> F | Callable[[F], F]:
         """Declare a step; use as ``@pipeline.step`` or ``@pipeline.step(...)``.
 
@@ -121,11 +186,25 @@ class Pipeline:
         functions) that must succeed first without passing their output. ``retry`` is a
         :class:`RetryPolicy` or a number of attempts; ``None`` uses the runner's default.
         ``timeout`` is in seconds per attempt; ``None`` uses the runner's default and
-        ``math.inf`` disables it. The function is returned unchanged.
+        ``math.inf`` disables it. ``map_over`` names a step returning a list: the function
+        then takes one item after the context and runs once per item, at most
+        ``concurrency`` (default :data:`DEFAULT_MAP_CONCURRENCY`) at once; its output is the
+        list of item outputs. ``skip_if`` is a plain function of the context (and of upstream
+        outputs, by parameter name) whose true result skips the step. The function is
+        returned unchanged.
         """
 
         def register(f: F) -> F:
-            self._add(f, name=name, depends_on=depends_on, retry=retry, timeout=timeout)
+            self._add(
+                f,
+                name=name,
+                depends_on=depends_on,
+                retry=retry,
+                timeout=timeout,
+                map_over=map_over,
+                concurrency=concurrency,
+                skip_if=skip_if,
+            )
             return f
 
         return register if fn is None else register(fn)
@@ -151,11 +230,19 @@ class Pipeline:
         depends_on: Iterable[str | StepFunction] | str,
         retry: RetryPolicy | int | None,
         timeout: float | None,
+        map_over: str | StepFunction | None,
+        concurrency: int | None,
+        skip_if: SkipCondition | None,
     ) -> None:
         step_name = name if name is not None else getattr(fn, "__name__", None)
         where = self._where(step_name)
         if not isinstance(step_name, str) or not step_name:
             raise PipelineError(f"{where}: a step needs a non-empty name; pass name=...")
+        if dataflow.parse_item(step_name) is not None:
+            raise PipelineError(
+                f"{where}: names ending in [n] are reserved for the items of mapped steps;"
+                " pass another name=..."
+            )
         if not inspect.iscoroutinefunction(fn):
             raise PipelineError(
                 f"{where}: {fn!r} is not a coroutine function; declare the step with `async def`"
@@ -166,44 +253,69 @@ class Pipeline:
                 f"{where}: the name is already taken by {other.__module__}.{other.__qualname__};"
                 " pass name=... to one of them"
             )
-        inputs = _inputs(fn, where)
+        inputs = _parameters(fn, where, what="step")
         entries: Iterable[str | StepFunction] = (
             (depends_on,) if isinstance(depends_on, str) or callable(depends_on) else depends_on
         )
         explicit = [self._dependency_name(d, where) for d in entries]
+        source: str | None = None
+        item: str | None = None
+        if map_over is not None:
+            source = self._dependency_name(map_over, where, option="map_over")
+            if not inputs:
+                raise PipelineError(
+                    f"{where}: a mapped step takes one item after the context, as in"
+                    f" `async def {step_name}(ctx: StepContext, item: Item) -> Result`"
+                )
+            item, *rest = inputs
+            inputs = tuple(rest)
+        elif concurrency is not None:
+            raise PipelineError(
+                f"{where}: concurrency bounds the items of a mapped step; pass map_over=... too"
+            )
+        skip_inputs = _skip_inputs(skip_if, where)
         step = Step(
             name=step_name,
             fn=fn,
-            depends_on=tuple(dict.fromkeys([*explicit, *inputs])),
+            depends_on=tuple(
+                dict.fromkeys([*explicit, *([source] if source else []), *inputs, *skip_inputs])
+            ),
             inputs=inputs,
             retry=_policy(retry, where),
             timeout=_timeout(timeout, where),
+            map_over=source,
+            item=item,
+            concurrency=_concurrency(concurrency, where) if source else None,
+            skip_if=skip_if,
+            skip_inputs=skip_inputs,
         )
         self._steps[step_name] = step
         self._names_by_fn[fn] = None if fn in self._names_by_fn else step_name
         self._plan = None
 
-    def _dependency_name(self, dep: str | StepFunction, where: str) -> str:
+    def _dependency_name(
+        self, dep: str | StepFunction, where: str, *, option: str = "depends_on"
+    ) -> str:
         if isinstance(dep, str):
             if not dep:
-                raise PipelineError(f"{where}: depends_on contains an empty step name")
+                what = "contains" if option == "depends_on" else "is"
+                raise PipelineError(f"{where}: {option} {what} an empty step name")
             return dep
         if callable(dep):
             if dep not in self._names_by_fn:
                 raise PipelineError(
-                    f"{where}: depends_on names {getattr(dep, '__qualname__', dep)!r}, which is"
+                    f"{where}: {option} names {getattr(dep, '__qualname__', dep)!r}, which is"
                     f" not a step of pipeline {self.name!r}; declare it first or pass its name"
                 )
             found = self._names_by_fn[dep]
             if found is None:
                 raise PipelineError(
-                    f"{where}: depends_on names {getattr(dep, '__qualname__', dep)!r}, which is"
+                    f"{where}: {option} names {getattr(dep, '__qualname__', dep)!r}, which is"
                     " declared as several steps; pass the step name instead"
                 )
             return found
-        raise PipelineError(
-            f"{where}: depends_on entries must be step names or step functions, got {dep!r}"
-        )
+        what = "entries must be" if option == "depends_on" else "must be"
+        raise PipelineError(f"{where}: {option} {what} step names or step functions, got {dep!r}")
 
     def _build_plan(self) -> Plan:
         if not self._steps:
@@ -217,19 +329,41 @@ class Pipeline:
         for step in self._steps.values():
             for dep in step.depends_on:
                 dependents[dep].append(step.name)
-        output_types = {s.name: self._output_type(s) for s in self._steps.values()}
+        output_types: dict[str, Any] = {}
         decoders: dict[str, msgspec.json.Decoder[Any]] = {}
-        for name, tp in output_types.items():
-            try:
-                msgspec.json.schema(tp)  # rejects types msgspec would need hooks for
-                decoders[name] = msgspec.json.Decoder(tp)
-            except TypeError as exc:
-                reason = str(exc).rpartition("\n")[2]
+        input_types: dict[str, Mapping[str, Any]] = {}
+        item_types: dict[str, Any] = {}
+        item_decoders: dict[str, msgspec.json.Decoder[Any]] = {}
+        for step in self._steps.values():
+            where = self._where(step.name)
+            found = dataflow.hints(step.fn, where)
+            returns = found.get("return", Any)
+            returns = Any if returns is object else returns
+            input_types[step.name] = MappingProxyType(
+                {
+                    p: dataflow.usable_input_type(found.get(p, Any), f"{where} parameter {p!r}")
+                    for p in step.inputs
+                }
+            )
+            if step.item is None:
+                output_types[step.name] = returns
+                decoders[step.name] = self._decoder(step.name, returns)
+                continue
+            item_decoders[step.name] = self._decoder(step.name, returns)
+            output_types[step.name] = types.GenericAlias(list, (returns,))
+            decoders[step.name] = msgspec.json.Decoder(output_types[step.name])
+            item_types[step.name] = dataflow.usable_input_type(
+                found.get(step.item, Any), f"{where} item parameter {step.item!r}"
+            )
+        for step in self._steps.values():
+            tp = output_types[step.map_over] if step.map_over is not None else Any
+            if not dataflow.is_list_type(tp):
                 raise PipelineError(
-                    f"{self._where(name)}: return annotation {tp!r} cannot be stored ({reason});"
-                    " return msgspec-serializable values (Structs, dataclasses, dict, list,"
-                    " str, int, float, bool, None, datetime, ...)"
-                ) from None
+                    f"{self._where(step.name)}: map_over {step.map_over!r} names a step that"
+                    f" returns {dataflow.type_name(tp)}, not a list; annotate step"
+                    f" {step.map_over!r} with `-> list[...]` and return a list (empty when"
+                    " there is nothing to map)"
+                )
         return Plan(
             pipeline=self.name,
             steps=MappingProxyType(dict(self._steps)),
@@ -237,10 +371,32 @@ class Pipeline:
             dependents=MappingProxyType({k: tuple(v) for k, v in dependents.items()}),
             output_types=MappingProxyType(output_types),
             decoders=MappingProxyType(decoders),
+            input_types=MappingProxyType(input_types),
+            item_types=MappingProxyType(item_types),
+            item_decoders=MappingProxyType(item_decoders),
         )
 
+    def _decoder(self, name: str, tp: Any) -> msgspec.json.Decoder[Any]:
+        try:
+            msgspec.json.schema(tp)  # rejects types msgspec would need hooks for
+            return msgspec.json.Decoder(tp)
+        except TypeError as exc:
+            reason = str(exc).rpartition("\n")[2]
+            raise PipelineError(
+                f"{self._where(name)}: return annotation {tp!r} cannot be stored ({reason});"
+                " return msgspec-serializable values (Structs, dataclasses, dict, list,"
+                " str, int, float, bool, None, datetime, ...)"
+            ) from None
+
     def _unknown(self, step: Step, dep: str) -> str:
-        how = f"its parameter {dep!r}" if dep in step.inputs else f"depends_on {dep!r}"
+        if dep in step.inputs:
+            how = f"its parameter {dep!r}"
+        elif dep == step.map_over:
+            how = f"map_over {dep!r}"
+        elif dep in step.skip_inputs:
+            how = f"the parameter {dep!r} of skip_if"
+        else:
+            how = f"depends_on {dep!r}"
         close = difflib.get_close_matches(dep, list(self._steps), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         known = ", ".join(repr(s) for s in self._steps)
@@ -248,39 +404,57 @@ class Pipeline:
             f"{self._where(step.name)}: {how} names no step of the pipeline (steps: {known}){hint}"
         )
 
-    def _output_type(self, step: Step) -> Any:
-        try:
-            hints = typing.get_type_hints(step.fn)
-        except Exception as exc:  # annotations that do not resolve at run time
-            _log.warning(
-                "%s: return annotation not resolvable (%s); stored output decodes as plain JSON",
-                self._where(step.name),
-                exc,
-            )
-            return Any
-        tp = hints.get("return", Any)
-        return Any if tp is object else tp
 
-
-def _inputs(fn: StepFunction, where: str) -> tuple[str, ...]:
+def _parameters(fn: Callable[..., object], where: str, *, what: str) -> tuple[str, ...]:
+    """The names of ``fn``'s parameters after the context (``what``: "step" or "skip_if")."""
     try:
         params = list(inspect.signature(fn).parameters.values())
     except (TypeError, ValueError) as exc:
-        raise PipelineError(f"{where}: cannot read the function signature: {exc}") from None
-    if not params or params[0].kind not in _CTX_KINDS:
         raise PipelineError(
-            f"{where}: the first parameter must be the step context, as in"
-            f" `async def {getattr(fn, '__name__', 'step')}(ctx: StepContext, ...)`"
+            f"{where}: cannot read the {'function' if what == 'step' else what} signature: {exc}"
+        ) from None
+    if not params or params[0].kind not in _CTX_KINDS:
+        example = (
+            f"`async def {getattr(fn, '__name__', 'step')}(ctx: StepContext, ...)`"
+            if what == "step"
+            else "`skip_if=lambda ctx: ...`"
         )
+        subject = "the first parameter" if what == "step" else "the first parameter of skip_if"
+        raise PipelineError(f"{where}: {subject} must be the step context, as in {example}")
     inputs: list[str] = []
     for p in params[1:]:
         if p.kind not in _INPUT_KINDS:
             raise PipelineError(
-                f"{where}: parameter {p.name!r} must be an ordinary named parameter"
-                " (no *args, **kwargs or positional-only); each names an upstream step"
+                f"{where}: parameter {p.name!r}{'' if what == 'step' else ' of ' + what} must"
+                " be an ordinary named parameter (no *args, **kwargs or positional-only);"
+                " each names an upstream step"
             )
         inputs.append(p.name)
     return tuple(inputs)
+
+
+def _skip_inputs(skip_if: SkipCondition | None, where: str) -> tuple[str, ...]:
+    if skip_if is None:
+        return ()
+    if not callable(skip_if):
+        raise PipelineError(f"{where}: skip_if must be a function of the context, got {skip_if!r}")
+    if inspect.iscoroutinefunction(skip_if) or inspect.isasyncgenfunction(skip_if):
+        raise PipelineError(
+            f"{where}: skip_if must be a plain (not async) function returning a bool, as in"
+            " `skip_if=lambda ctx: ...`; do I/O in a step and pass its output instead"
+        )
+    return _parameters(skip_if, where, what="skip_if")
+
+
+def _concurrency(concurrency: int | None, where: str) -> int:
+    if concurrency is None:
+        return DEFAULT_MAP_CONCURRENCY
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise PipelineError(
+            f"{where}: concurrency must be an integer >= 1 (items in flight at once), got"
+            f" {concurrency!r}"
+        )
+    return concurrency
 
 
 def _policy(retry: RetryPolicy | int | None, where: str) -> RetryPolicy | None:
@@ -296,13 +470,15 @@ def _policy(retry: RetryPolicy | int | None, where: str) -> RetryPolicy | None:
     )
 
 
-def _timeout(timeout: float | None, where: str) -> float | None:
+def _timeout(
+    timeout: float | None, where: str, default: str = "the runner's default"
+) -> float | None:
     if timeout is None:
         return None
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
         raise PipelineError(
-            f"{where}: timeout must be a number of seconds > 0 (or None for the runner's"
-            f" default), got {timeout!r}"
+            f"{where}: timeout must be a number of seconds > 0 (or None for {default}),"
+            f" got {timeout!r}"
         )
     return float(timeout)
 

@@ -44,6 +44,9 @@ class StepRecord(msgspec.Struct, frozen=True, kw_only=True):
     ``cancelled`` or ``interrupted``; ``None`` when ``succeeded``."""
     started_at: datetime
     finished_at: datetime
+    skipped: bool = False
+    """``True`` when ``skip_if`` skipped the step: then ``status`` is ``succeeded`` and
+    ``output`` is ``null``."""
 
 
 class RunRecorder(Protocol):
@@ -54,6 +57,11 @@ class RunRecorder(Protocol):
     called for an attempt whose ``step_started`` was itself interrupted by cancellation.
     Exceptions raised here are not step failures: they stop the run's execution and
     propagate from :meth:`Runner.execute` (the run stays unfinished, to be resumed).
+
+    ``step`` is a step name, or ``load[3]`` for item 3 of the mapped step ``load``: each
+    item's attempts are recorded like a step's. The mapped step's own record (its output
+    the list of item outputs, or the failure naming the item) is reported by
+    ``step_finished`` alone, once the items have ended.
     """
 
     async def step_started(
@@ -76,11 +84,13 @@ class RunSpec(msgspec.Struct, frozen=True, kw_only=True):
     """The triggering events, oldest first; may be empty (absence rules, manual runs)."""
     params: Mapping[str, Any] = {}
     completed: Mapping[str, bytes] = {}
-    """Stored JSON outputs of the steps that already succeeded: they are not run again."""
+    """Stored JSON outputs of the steps that already succeeded: they are not run again.
+    Keys ``load[3]`` hold outputs of items of the mapped step ``load``: those items are
+    not run again either."""
     connectors: Mapping[str, Any] = {}
     prior_attempts: Mapping[str, int] = {}
-    """Attempts already recorded per unfinished step, so that numbering continues on resume
-    (each execution still gets the full ``max_attempts``)."""
+    """Attempts already recorded per unfinished step (or item, ``load[3]``), so that
+    numbering continues on resume (each execution still gets the full ``max_attempts``)."""
 
 
 class RunOutcome(msgspec.Struct, frozen=True):

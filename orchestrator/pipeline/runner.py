@@ -1,13 +1,24 @@
 """Execute one run of a pipeline: its steps as a DAG of tasks in one task group.
 
 * Steps listed in ``RunSpec.completed`` are not run again; their stored outputs are decoded
-  with the producing step's return annotation and passed on.
+  with the producing step's return annotation and passed on. So are items (``load[3]``) of
+  a mapped step that did not finish.
 * Every other step starts as soon as all its dependencies have succeeded; independent steps
-  run concurrently.
+  run concurrently. Its parameters receive the upstream outputs converted to their
+  annotations (:mod:`~orchestrator.pipeline.dataflow`); a mismatch fails it, not retried.
+* A step with ``skip_if`` asks it first; a skipped step records one ``succeeded`` attempt
+  with output ``null`` and ``skipped=True``, and its dependents receive ``None``.
+* A mapped step runs its function once per item of its ``map_over`` list, at most
+  ``concurrency`` items at once, each item with its own attempts, retries and timeouts,
+  recorded as ``load[3]``; then records its own output, the list of item outputs.
 * Each attempt is recorded (``step_started``, then ``step_finished``), runs under its
-  timeout inside a ``step <name>`` span, and is retried by its :class:`RetryPolicy`.
-* A step that fails for good fails the run: nothing new starts, steps already running finish,
-  and :class:`RunOutcome` names the step. Step exceptions never leave :meth:`Runner.execute`.
+  timeout inside a ``step <name>`` span, and is retried by its :class:`RetryPolicy`
+  (:mod:`~orchestrator.pipeline.attempt`).
+* A step (or item) that fails for good fails the run: nothing new starts, steps and items
+  already running finish, and :class:`RunOutcome` names the step. Step exceptions never
+  leave :meth:`Runner.execute`.
+* A pipeline ``timeout`` bounds the execution: when it passes, the attempts in flight are
+  recorded ``failed`` and the run fails, naming a step that was in flight.
 * Cancellation from outside records the attempts in flight as ``cancelled`` (or
   ``interrupted``, see ``cancel_status``) under a shielded, bounded call, then propagates.
 * An error of the recorder stops the run (running steps are recorded ``interrupted``) and
@@ -16,10 +27,10 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
-import traceback
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -32,8 +43,31 @@ from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
 
 from orchestrator.errors import NonRetryableError
+from orchestrator.pipeline.attempt import (
+    ATTR_ATTEMPT,
+    ATTR_INDEX,
+    ATTR_ITEMS,
+    ATTR_PIPELINE,
+    ATTR_RUN_ID,
+    ATTR_SKIPPED,
+    ATTR_STATUS,
+    ATTR_STEP,
+    STEP_DURATION,
+    Attempts,
+    Call,
+    Failed,
+    Succeeded,
+    describe,
+)
 from orchestrator.pipeline.context import StepContext
-from orchestrator.pipeline.model import Plan, Step
+from orchestrator.pipeline.dataflow import (
+    convert_input,
+    convert_item,
+    item_name,
+    join_json,
+    parse_item,
+)
+from orchestrator.pipeline.model import DEFAULT_MAP_CONCURRENCY, Plan, Step
 from orchestrator.pipeline.records import (
     CancelStatus,
     RunOutcome,
@@ -46,8 +80,11 @@ from orchestrator.pipeline.retry import RetryPolicy
 
 __all__ = [
     "ATTR_ATTEMPT",
+    "ATTR_INDEX",
+    "ATTR_ITEMS",
     "ATTR_PIPELINE",
     "ATTR_RUN_ID",
+    "ATTR_SKIPPED",
     "ATTR_STATUS",
     "ATTR_STEP",
     "STEP_DURATION",
@@ -58,24 +95,18 @@ __all__ = [
     "Runner",
     "StepRecord",
     "StepStatus",
+    "describe",
 ]
 
-STEP_DURATION = "orchestrator.step.duration"
-ATTR_RUN_ID = "orchestrator.run_id"
-ATTR_PIPELINE = "orchestrator.pipeline"
-ATTR_STEP = "orchestrator.step"
-ATTR_ATTEMPT = "orchestrator.attempt"
-ATTR_STATUS = "orchestrator.step.status"
-
-_ERROR_LIMIT = 4000
-_TRACEBACK_FRAMES = 3
 _CANCEL_MESSAGES: Mapping[str, str] = {
     "cancelled": "cancelled while running",
     "interrupted": "interrupted while running (shutdown or lost persistence); runs again on resume",
 }
 
 _log = logging.getLogger(__name__)
-_encoder = msgspec.json.Encoder()
+
+_Items = dict[int, tuple[Any, bytes]]
+"""Outputs of the items of a mapped step that succeeded: index -> (value, JSON)."""
 
 
 def _utcnow() -> datetime:
@@ -129,17 +160,6 @@ class Runner:
         return await _Execution(self, spec, spec.pipeline.plan(), cancel_status).run()
 
 
-@dataclass(frozen=True, slots=True)
-class _Succeeded:
-    value: Any
-
-
-@dataclass(frozen=True, slots=True)
-class _Failed:
-    exc: Exception
-    error: str
-
-
 class _Execution:
     """The mutable state of one :meth:`Runner.execute` call."""
 
@@ -154,48 +174,41 @@ class _Execution:
         self.spec = spec
         self.plan = plan
         self.cancel_status = cancel_status
-        self.parent = otel_context.get_current()
-        self.params = MappingProxyType(dict(spec.params))
-        self.connectors = MappingProxyType(dict(spec.connectors))
         self.outputs: dict[str, Any] = {}
+        self.skipped: set[str] = set()
+        self.resumed_items: dict[str, _Items] = {}
         self.waiting: dict[str, int] = {}
         self.failure: tuple[str, str] | None = None
         self.aborts: list[Exception] = []
+        self.in_flight: dict[str, None] = {}
+        """Steps started and not ended, oldest first (kept when cancellation stops them)."""
+        self.attempts = Attempts(
+            runner, spec, plan.pipeline, stop_status=self._stop_status, stopping=self._stopping
+        )
         self._tg: anyio.abc.TaskGroup | None = None
+        self._scope: anyio.CancelScope | None = None
 
     def _where(self, step: str) -> str:
-        return f"run {self.spec.run_id} pipeline {self.plan.pipeline!r} step {step!r}"
+        return self.attempts.where(step)
 
     async def run(self) -> RunOutcome:
-        completed = self.spec.completed
-        pending = [name for name in self.plan.order if name not in completed]
-        needed = {d for n in pending for d in self.plan.steps[n].depends_on if d in completed}
-        for name in self.plan.order:
-            if name in needed:
-                try:
-                    self.outputs[name] = self.plan.decoders[name].decode(completed[name])
-                except (msgspec.DecodeError, UnicodeDecodeError) as exc:
-                    error = (
-                        f"stored output of step {name!r} does not decode as"
-                        f" {self.plan.output_types[name]!r}: {exc}"
-                    )
-                    _log.error("%s: %s", self._where(name), error)
-                    return RunOutcome("failed", name, error)
-        unknown = set(completed) - set(self.plan.steps)
-        if unknown:
-            _log.info(
-                "run %s: ignoring outputs of steps no longer declared: %s",
-                self.spec.run_id,
-                sorted(unknown),
-            )
+        pending = [name for name in self.plan.order if name not in self.spec.completed]
+        failed = self._load_completed(pending)
+        if failed is not None:
+            return failed
         for name in pending:
-            self.waiting[name] = sum(d not in completed for d in self.plan.steps[name].depends_on)
+            self.waiting[name] = sum(
+                d not in self.spec.completed for d in self.plan.steps[name].depends_on
+            )
+        timeout = self.spec.pipeline.timeout
+        deadline = math.inf if timeout is None else anyio.current_time() + timeout
         try:
-            async with anyio.create_task_group() as tg:
-                self._tg = tg
-                for name in pending:
-                    if self.waiting[name] == 0:
-                        self._start(name)
+            with anyio.CancelScope(deadline=deadline) as self._scope:
+                async with anyio.create_task_group() as tg:
+                    self._tg = tg
+                    for name in pending:
+                        if self.waiting[name] == 0:
+                            self._start(name)
         except anyio.get_cancelled_exc_class():
             for err in self.aborts:
                 _log.error("run %s: recorder failed: %r", self.spec.run_id, err)
@@ -214,9 +227,62 @@ class _Execution:
         if self.failure is not None:
             return RunOutcome("failed", *self.failure)
         unfinished = [n for n in pending if n not in self.outputs]
+        if unfinished and self._timed_out():
+            step = next(iter(self.in_flight), None)
+            _log.warning(
+                "run %s: %s (in flight: %s)",
+                self.spec.run_id,
+                self._timeout_message(),
+                list(self.in_flight),
+            )
+            return RunOutcome("failed", step, self._timeout_message())
         if unfinished:  # cannot happen for a validated plan; never report a false success
             raise AssertionError(f"run {self.spec.run_id}: steps never started: {unfinished}")
         return RunOutcome("succeeded")
+
+    def _load_completed(self, pending: list[str]) -> RunOutcome | None:
+        """Decode the stored outputs that pending steps need; a failed outcome if one does not."""
+        completed, steps = self.spec.completed, self.plan.steps
+        needed = {d for n in pending for d in steps[n].depends_on if d in completed}
+        for name in self.plan.order:
+            if name not in needed:
+                continue
+            try:
+                self.outputs[name] = self.plan.decoders[name].decode(completed[name])
+            except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+                if completed[name].strip() == b"null":  # recorded by a skipped step
+                    self.outputs[name] = None
+                    self.skipped.add(name)
+                    continue
+                error = (
+                    f"stored output of step {name!r} does not decode as"
+                    f" {self.plan.output_types[name]!r}: {exc}"
+                )
+                _log.error("%s: %s", self._where(name), error)
+                return RunOutcome("failed", name, error)
+        unknown: list[str] = []
+        for key, raw in completed.items():
+            if key in steps:
+                continue
+            item = parse_item(key)
+            if item is None or item[0] not in steps or steps[item[0]].map_over is None:
+                unknown.append(key)
+            elif item[0] in pending:
+                decoder = self.plan.item_decoders[item[0]]
+                try:
+                    value = decoder.decode(raw)
+                except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+                    error = f"stored output of item {key!r} does not decode: {exc}"
+                    _log.error("%s: %s", self._where(key), error)
+                    return RunOutcome("failed", key, error)
+                self.resumed_items.setdefault(item[0], {})[item[1]] = (value, raw)
+        if unknown:
+            _log.info(
+                "run %s: ignoring outputs of steps no longer declared: %s",
+                self.spec.run_id,
+                sorted(unknown),
+            )
+        return None
 
     def _start(self, name: str) -> None:
         assert self._tg is not None
@@ -225,44 +291,31 @@ class _Execution:
     def _stopping(self) -> bool:
         return self.failure is not None or bool(self.aborts)
 
+    def _timed_out(self) -> bool:
+        """Whether the pipeline's timeout passed (its scope is cancelled by nothing else)."""
+        return self._scope is not None and self._scope.cancel_called
+
+    def _timeout_message(self) -> str:
+        return f"run timed out after {self.spec.pipeline.timeout:g} s"
+
+    def _stop_status(self) -> tuple[StepStatus, str]:
+        """How to record an attempt that cancellation stops, and why."""
+        if self.aborts:
+            return "interrupted", _CANCEL_MESSAGES["interrupted"]
+        if self._timed_out():
+            return "failed", self._timeout_message()
+        status = self.cancel_status()
+        return status, _CANCEL_MESSAGES[status]
+
     def _abort(self, name: str, exc: Exception) -> None:
         _log.debug("%s: stopping the run, the recorder failed: %r", self._where(name), exc)
         self.aborts.append(exc)
         if self._tg is not None:
             self._tg.cancel_scope.cancel()
 
-    async def _run_step(self, name: str) -> None:
-        try:
-            await self._attempts(self.plan.steps[name])
-        except Exception as exc:  # from the recorder: stop everything, re-raised by run()
-            self._abort(name, exc)
-
-    async def _attempts(self, step: Step) -> None:
-        policy = step.retry or self.runner.default_retry
-        inputs = {p: self.outputs[p] for p in step.inputs}
-        upstream = MappingProxyType({d: self.outputs[d] for d in step.depends_on})
-        prior = self.spec.prior_attempts.get(step.name, 0)
-        tries = 0
-        while True:
-            tries += 1
-            result = await self._attempt(step, prior + tries, inputs, upstream)
-            if isinstance(result, _Succeeded):
-                self._succeeded(step.name, result.value)
-                return
-            where = f"{self._where(step.name)} attempt {prior + tries}"
-            if not policy.should_retry(result.exc, tries):
-                _log.warning("%s failed: %s", where, result.error)
-                if self.failure is None:
-                    self.failure = (step.name, result.error)
-                return
-            if self._stopping():
-                _log.info("%s failed; not retried, the run is already failing", where)
-                return
-            delay = policy.delay(tries)
-            _log.info("%s failed, retrying in %.3gs: %s", where, delay, result.error)
-            await self.runner.sleep(delay)
-            if self._stopping():
-                return
+    def _fail(self, name: str, error: str) -> None:
+        if self.failure is None:
+            self.failure = (name, error)
 
     def _succeeded(self, name: str, value: Any) -> None:
         self.outputs[name] = value
@@ -272,155 +325,253 @@ class _Execution:
                 if self.waiting[dependent] == 0 and not self._stopping():
                     self._start(dependent)
 
-    async def _attempt(
-        self, step: Step, attempt: int, inputs: dict[str, Any], upstream: Mapping[str, Any]
-    ) -> _Succeeded | _Failed:
-        runner, run_id = self.runner, self.spec.run_id
-        started_at = runner.clock()
-        t0 = anyio.current_time()
+    async def _run_step(self, name: str) -> None:
+        step = self.plan.steps[name]
+        self.in_flight[name] = None
         try:
-            await runner.recorder.step_started(run_id, step.name, attempt, started_at)
-        except anyio.get_cancelled_exc_class():
-            await self._record_cancelled(step.name, attempt, started_at, t0)
-            raise
-        attributes: dict[str, str | int] = {
-            ATTR_RUN_ID: run_id,
-            ATTR_PIPELINE: self.plan.pipeline,
-            ATTR_STEP: step.name,
-            ATTR_ATTEMPT: attempt,
-        }
-        result: _Succeeded | _Failed
+            if await self._skip(step):
+                pass
+            elif step.map_over is None:
+                await self._single(step)
+            else:
+                await self._map(step)
+        except Exception as exc:  # from the recorder: stop everything, re-raised by run()
+            self._abort(name, exc)
+            return
+        del self.in_flight[name]
+
+    def _upstream(self, step: Step) -> Mapping[str, Any]:
+        return MappingProxyType({d: self.outputs[d] for d in step.depends_on})
+
+    def _inputs(self, step: Step) -> dict[str, Any]:
+        """The step's parameters, converted to their annotations; raises NonRetryableError."""
+        types = self.plan.input_types.get(step.name, {})
+        inputs: dict[str, Any] = {}
+        for param in step.inputs:
+            value = self.outputs[param]
+            if value is None and param in self.skipped:
+                inputs[param] = None  # a skipped step's dependents receive None
+            else:
+                tp = types.get(param, Any)
+                inputs[param] = convert_input(value, tp, step=step.name, param=param)
+        return inputs
+
+    async def _single(self, step: Step) -> None:
+        try:
+            inputs = self._inputs(step)
+        except NonRetryableError as exc:
+            call = _raising(exc)
+        else:
+            call = _calling(step, inputs)
+        result = await self.attempts.retrying(step, step.name, call, self._upstream(step))
+        if isinstance(result, Succeeded):
+            self._succeeded(step.name, result.value)
+        elif isinstance(result, Failed):
+            self._fail(step.name, result.error)
+
+    # -- skip conditions ---------------------------------------------------------------------
+
+    async def _skip(self, step: Step) -> bool:
+        """Ask ``skip_if``; when it says skip (or raises), record the attempt and say so."""
+        if step.skip_if is None:
+            return False
+        name = step.name
+        attempt = self.spec.prior_attempts.get(name, 0) + 1
+        upstream = self._upstream(step)
+        ctx = self.attempts.context(name, attempt, upstream, trace.INVALID_SPAN)
+        try:
+            decision = step.skip_if(ctx, **{p: self.outputs[p] for p in step.skip_inputs})
+            if inspect.isawaitable(decision):
+                if inspect.iscoroutine(decision):
+                    decision.close()
+                raise TypeError("it returned an awaitable; it must be a plain function")  # noqa: TRY301
+            skip = bool(decision)
+        except Exception as exc:
+            error = NonRetryableError(
+                f"skip_if of step {name!r} raised {type(exc).__qualname__}: {exc}"
+            )
+            error.__cause__ = exc
+            result = await self.attempts.attempt(step, name, attempt, _raising(error), upstream)
+            if isinstance(result, Failed):
+                self._fail(name, result.error)
+            return True
+        if not skip:
+            return False
+        _log.info("%s: skipped by skip_if", self._where(name))
+        result = await self.attempts.attempt(
+            step, name, attempt, _returning_none, upstream, skipped=True
+        )
+        if isinstance(result, Succeeded):
+            self.skipped.add(name)
+            self._succeeded(name, None)
+        else:
+            self._fail(name, result.error)
+        return True
+
+    # -- fan-out ------------------------------------------------------------------------------
+
+    async def _map(self, step: Step) -> None:
+        """Run the items of a mapped step, then record the step's own outcome."""
+        name, runner, attempts = step.name, self.runner, self.attempts
+        attempt = self.spec.prior_attempts.get(name, 0) + 1
+        started_at = runner.clock()
+        upstream = self._upstream(step)
+        items: Sequence[Any] = ()
+        done: _Items = {}
+        failures: list[tuple[int, str]] = []
+        attributes = attempts.attributes(name, attempt)
         with runner.tracer.start_as_current_span(
-            f"step {step.name}",
-            context=self.parent,
+            f"step {name}",
+            context=attempts.parent,
             kind=trace.SpanKind.INTERNAL,
             attributes=attributes,
             record_exception=False,
             set_status_on_exception=False,
         ) as span:
-            ctx = StepContext.create(
-                run_id=run_id,
-                pipeline=self.plan.pipeline,
-                step=step.name,
-                attempt=attempt,
-                events=self.spec.events,
-                params=self.params,
-                upstream=upstream,
-                connectors=self.connectors,
-                span=span,
-            )
             try:
-                value = await self._call(step, ctx, inputs)
-                output = _encode(step.name, value)
+                items = self._items(step)
+                inputs = self._inputs(step)
+            except NonRetryableError as exc:
+                error = f"{type(exc).__qualname__}: {exc}"
+                _log.warning("%s failed: %s", self._where(name), error)
+                self._fail(name, error)
+                await self._map_ended(span, name, attempt, started_at, error=error)
+                return
+            span.set_attribute(ATTR_ITEMS, len(items))
+            done = {i: v for i, v in self.resumed_items.get(name, {}).items() if i < len(items)}
+            parent = trace.set_span_in_context(span, attempts.parent)
+            limit = anyio.Semaphore(step.concurrency or DEFAULT_MAP_CONCURRENCY)
+            try:
+                async with anyio.create_task_group() as tg:
+                    for index, item in enumerate(items):
+                        if index in done:
+                            continue
+                        await limit.acquire()
+                        if self._stopping():
+                            limit.release()
+                            break
+                        tg.start_soon(
+                            self._item,
+                            _Item(step, index, len(items), item, inputs, upstream, parent),
+                            done,
+                            failures,
+                            limit,
+                            name=f"step {item_name(name, index)}",
+                        )
             except anyio.get_cancelled_exc_class():
-                status = await self._record_cancelled(step.name, attempt, started_at, t0)
-                span.set_attribute(ATTR_STATUS, status)
+                span.set_attribute(ATTR_STATUS, self._stop_status()[0])
                 raise
-            except Exception as exc:
-                error = describe(exc)
-                span.record_exception(exc)
-                span.set_status(trace.Status(trace.StatusCode.ERROR, error.partition("\n")[0]))
-                span.set_attribute(ATTR_STATUS, "failed")
-                result = _Failed(exc, error)
-                record = self._record(step.name, attempt, "failed", started_at, error=error)
+            if failures:
+                index, error = failures[0]
+                await self._map_ended(
+                    span, name, attempt, started_at, error=_item_error(index, len(items), error)
+                )
+                return
+            if len(done) < len(items):  # stopped: the run failed elsewhere
+                return
+            ordered = [done[i] for i in range(len(items))]
+            output = join_json(raw for _, raw in ordered)
+            await self._map_ended(span, name, attempt, started_at, output=output)
+        self._succeeded(name, [value for value, _ in ordered])
+
+    def _items(self, step: Step) -> Sequence[Any]:
+        assert step.map_over is not None
+        source = self.outputs[step.map_over]
+        if source is None and step.map_over in self.skipped:
+            return ()  # a skipped step maps to nothing
+        if not isinstance(source, list | tuple):
+            raise NonRetryableError(
+                f"step {step.name!r} maps over the output of step {step.map_over!r}, which is"
+                f" {type(source).__qualname__}, not a list"
+            )
+        return source
+
+    async def _item(
+        self, item: _Item, done: _Items, failures: list[tuple[int, str]], limit: anyio.Semaphore
+    ) -> None:
+        step, index = item.step, item.index
+        label = item_name(step.name, index)
+        try:
+            assert step.item is not None
+            assert step.map_over is not None
+            call: Call
+            try:
+                value = convert_item(
+                    item.value,
+                    self.plan.item_types.get(step.name, Any),
+                    step=step.name,
+                    source=step.map_over,
+                    index=index,
+                )
+            except NonRetryableError as exc:
+                call = _raising(exc)
             else:
-                span.set_attribute(ATTR_STATUS, "succeeded")
-                result = _Succeeded(value)
-                record = self._record(step.name, attempt, "succeeded", started_at, output=output)
-        self._observe(step.name, record.status, t0)
-        try:
-            await runner.recorder.step_finished(record)
-        except anyio.get_cancelled_exc_class():
-            await self._record_shielded(record)
-            raise
-        return result
+                call = _calling(step, {**item.inputs, step.item: value})
+            result = await self.attempts.retrying(
+                step, label, call, item.upstream, index=index, parent=item.parent
+            )
+            if isinstance(result, Succeeded):
+                done[index] = (result.value, result.output)
+            elif isinstance(result, Failed):
+                failures.append((index, result.error))
+                self._fail(step.name, _item_error(index, item.count, result.error))
+        except Exception as exc:  # from the recorder: stop everything, re-raised by run()
+            self._abort(label, exc)
+        finally:
+            limit.release()
 
-    async def _call(self, step: Step, ctx: StepContext, inputs: dict[str, Any]) -> Any:
-        timeout = step.timeout if step.timeout is not None else self.runner.default_timeout
-        if timeout is None or math.isinf(timeout):
-            return await step.fn(ctx, **inputs)
-        try:
-            with anyio.fail_after(timeout) as scope:
-                return await step.fn(ctx, **inputs)
-        except TimeoutError:
-            if scope.cancelled_caught:  # our deadline, not a TimeoutError from the step
-                raise TimeoutError(
-                    f"step {step.name!r} did not finish within {timeout:g}s"
-                ) from None
-            raise
-
-    def _record(
+    async def _map_ended(
         self,
-        step: str,
+        span: trace.Span,
+        name: str,
         attempt: int,
-        status: StepStatus,
         started_at: datetime,
         *,
         output: bytes | None = None,
         error: str | None = None,
-    ) -> StepRecord:
-        return StepRecord(
-            run_id=self.spec.run_id,
-            step=step,
-            attempt=attempt,
-            status=status,
-            output=output,
-            error=error,
-            started_at=started_at,
-            finished_at=self.runner.clock(),
-        )
-
-    async def _record_cancelled(
-        self, step: str, attempt: int, started_at: datetime, t0: float
-    ) -> CancelStatus:
-        status: CancelStatus = "interrupted" if self.aborts else self.cancel_status()
-        record = self._record(step, attempt, status, started_at, error=_CANCEL_MESSAGES[status])
-        self._observe(step, status, t0)
-        await self._record_shielded(record)
-        return status
-
-    async def _record_shielded(self, record: StepRecord) -> None:
-        """Record an attempt while cancellation is pending: shielded, bounded, never raising."""
-        timeout = self.runner.cleanup_timeout
-        with anyio.move_on_after(timeout, shield=True) as scope:
-            try:
-                await self.runner.recorder.step_finished(record)
-            except Exception:
-                _log.exception(
-                    "%s attempt %d: could not record status %r",
-                    self._where(record.step),
-                    record.attempt,
-                    record.status,
-                )
-        if scope.cancelled_caught:
-            _log.error(
-                "%s attempt %d: recording status %r took longer than %gs; gave up",
-                self._where(record.step),
-                record.attempt,
-                record.status,
-                timeout,
-            )
-
-    def _observe(self, step: str, status: StepStatus, t0: float) -> None:
-        attrs = {ATTR_PIPELINE: self.plan.pipeline, ATTR_STEP: step, ATTR_STATUS: status}
-        self.runner.duration.record(max(anyio.current_time() - t0, 0.0), attrs)
+    ) -> None:
+        """Record the mapped step's own outcome (``step_finished`` alone) on its span."""
+        status: StepStatus = "failed" if error is not None else "succeeded"
+        span.set_attribute(ATTR_STATUS, status)
+        if error is not None:
+            span.set_status(trace.Status(trace.StatusCode.ERROR, error.partition("\n")[0]))
+        record = self.attempts.record(name, attempt, status, started_at, output=output, error=error)
+        await self.attempts.finished(record)
 
 
-def _encode(step: str, value: Any) -> bytes:
-    try:
-        return _encoder.encode(value)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise NonRetryableError(
-            f"step {step!r} returned {type(value).__qualname__}, which is not"
-            f" msgspec-serializable ({exc}); return a Struct, dataclass, dict, list or scalar"
-        ) from exc
+@dataclass(frozen=True, slots=True)
+class _Item:
+    """One item of a mapped step, with what every attempt of it needs."""
+
+    step: Step
+    index: int
+    count: int
+    """The number of items of the step."""
+    value: Any
+    inputs: Mapping[str, Any]
+    """The step's other parameters, already converted."""
+    upstream: Mapping[str, Any]
+    parent: otel_context.Context
+    """The context of the mapped step's span."""
 
 
-def describe(exc: BaseException) -> str:
-    """``"ExcType: message"`` followed by the innermost frames of the traceback."""
-    text = str(exc)
-    head = f"{type(exc).__qualname__}: {text}" if text else type(exc).__qualname__
-    frames = traceback.extract_tb(exc.__traceback__)[-_TRACEBACK_FRAMES:]
-    tail = "".join(traceback.format_list(frames)).rstrip()
-    full = f"{head}\n{tail}" if tail else head
-    return full if len(full) <= _ERROR_LIMIT else full[: _ERROR_LIMIT - 3] + "..."
+def _item_error(index: int, count: int, error: str) -> str:
+    return f"item {index} of {count} failed: {error}"
+
+
+def _calling(step: Step, inputs: Mapping[str, Any]) -> Call:
+    def call(ctx: StepContext) -> Awaitable[Any]:
+        return step.fn(ctx, **inputs)
+
+    return call
+
+
+def _raising(exc: Exception) -> Call:
+    async def call(ctx: StepContext) -> Any:
+        raise exc
+
+    return call
+
+
+async def _returning_none(ctx: StepContext) -> None:
+    return None

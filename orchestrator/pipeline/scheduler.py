@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 import anyio
@@ -23,15 +23,16 @@ from anyio.abc import TaskGroup, TaskStatus
 from opentelemetry import trace
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
+from orchestrator.backoff import backoff_delay
 from orchestrator.config import RunnerSettings
 from orchestrator.errors import LeaseLost, StoreError
 from orchestrator.health import Health
-from orchestrator.ingest.consumer import backoff_delay
+from orchestrator.pipeline.group_commit import OutcomeWriter
 from orchestrator.pipeline.model import Pipeline
 from orchestrator.pipeline.records import RunOutcome, RunSpec, StepRecord
 from orchestrator.pipeline.retry import RetryPolicy
 from orchestrator.pipeline.runner import Runner
-from orchestrator.store import ClaimedRun, Store
+from orchestrator.store import AttemptWrite, ClaimedRun, RunFinish, Store
 from orchestrator.telemetry import Telemetry, context_from_traceparent
 
 __all__ = ["Scheduler"]
@@ -50,7 +51,7 @@ class _InFlight:
 
 
 class _StoreRecorder:
-    """Records step attempts in Postgres for one daemon, retrying through outages."""
+    """Records step attempts through the daemon's group-commit writer."""
 
     def __init__(self, scheduler: Scheduler) -> None:
         self._s = scheduler
@@ -67,22 +68,23 @@ class _StoreRecorder:
                 self._s._tel.instruments.event_to_step_latency.record(
                     latency, {"pipeline": inflight.run.pipeline}
                 )
-        await self._s._retry(
-            lambda: self._s._store.step_started(run_id, step, attempt, started_at, self._s.owner)
+        self._s.writer.add_attempt(
+            AttemptWrite(
+                run_id=run_id, step=step, attempt=attempt, status="running", started_at=started_at
+            )
         )
 
     async def step_finished(self, record: StepRecord) -> None:
-        await self._s._retry(
-            lambda: self._s._store.step_finished(
-                record.run_id,
-                record.step,
-                record.attempt,
+        self._s.writer.add_attempt(
+            AttemptWrite(
+                run_id=record.run_id,
+                step=record.step,
+                attempt=record.attempt,
                 status=record.status,
                 output=record.output,
                 error=record.error,
                 started_at=record.started_at,
                 finished_at=record.finished_at,
-                owner=self._s.owner,
             )
         )
 
@@ -100,6 +102,7 @@ class Scheduler:
         *,
         owner: str,
         connectors: Mapping[str, Any] | None = None,
+        flow: bool = False,
     ) -> None:
         self._store = store
         self._pipelines = pipelines
@@ -107,12 +110,14 @@ class Scheduler:
         self._settings = settings
         self._health = health
         self.owner = owner
+        self._flow = flow
         self._connectors = connectors or {}
         self._inflight: dict[int, _InFlight] = {}
         self._wake = anyio.Event()
         self._claiming = True
         self._idle = anyio.Event()
         self._idle.set()
+        self.writer = OutcomeWriter(store, owner, health, on_lost=self._lost)
         self._runner = Runner(
             _StoreRecorder(self),
             tracer=telemetry.tracer,
@@ -157,28 +162,40 @@ class Scheduler:
             await self._idle.wait()
         return interrupted
 
+    def _lost(self, run_id: int) -> None:
+        if run_id in self._inflight:
+            log.warning("run %d: lease lost to another daemon; stopping it here", run_id)
+            self.cancel_run(run_id, "lost")
+
     # -- loops --------------------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._heartbeat_loop)
+            await tg.start(self.writer.run)
             task_status.started()
             await self._claim_loop(tg)
-            # Claiming stopped: wait for the runs still executing, then stop the heartbeat.
+            # Claiming stopped: wait for the runs still executing, write what they recorded,
+            # then stop the heartbeat and the writer.
             await self._idle.wait()
+            with anyio.move_on_after(10, shield=True):
+                await self.writer.flush()
             tg.cancel_scope.cancel()
 
     async def _claim_loop(self, tg: TaskGroup) -> None:
         attempt = 0
         while self._claiming:
+            self._wake = anyio.Event()  # before looking: a wake-up from now on is not lost
             free = self._settings.max_concurrent_runs - len(self._inflight)
             claimed: list[ClaimedRun] = []
+            wait = self._settings.lease_seconds / 3
             if free > 0:
-                self._wake = anyio.Event()
                 try:
                     claimed = await self._store.claim_runs(
-                        self.owner, free, self._settings.lease_seconds
+                        self.owner, free, self._settings.lease_seconds, flow=self._flow
                     )
+                    if self._flow and len(claimed) < free:
+                        wait = await self._until_due(wait)
                 except StoreError as exc:
                     self._health.set("postgres", False, str(exc))
                     await anyio.sleep(backoff_delay(attempt))
@@ -190,10 +207,17 @@ class Scheduler:
                     self._inflight[run.id] = _InFlight(run)
                     self._idle = anyio.Event() if self._idle.is_set() else self._idle
                     tg.start_soon(self._execute, self._inflight[run.id])
-            if len(claimed) == free and free > 0:
-                continue  # the queue may hold more
-            with anyio.move_on_after(self._settings.lease_seconds / 3):
+                if len(claimed) == free:
+                    continue  # the queue may hold more
+            with anyio.move_on_after(wait):
                 await self._wake.wait()
+
+    async def _until_due(self, longest: float) -> float:
+        """Seconds until the next debounced/batched run or deadline comes due."""
+        due = await self._store.next_due()
+        if due is None:
+            return longest
+        return max(0.0, min(longest, (due - datetime.now(UTC)).total_seconds() + 0.005))
 
     async def _heartbeat_loop(self) -> None:
         interval = self._settings.lease_seconds / 3
@@ -312,8 +336,8 @@ class Scheduler:
                 if reason == "cancelled":
                     await self._finish(run, "cancelled", None, "cancelled by operator")
                 elif reason == "interrupted":
-                    with anyio.move_on_after(5, shield=True):
-                        await self._store.release_run(run.id, self.owner)
+                    with anyio.move_on_after(10, shield=True):
+                        await self.writer.release(run.id)
                     log.info("run %d interrupted by shutdown; queued to resume", run.id)
                 return
             if outcome.status == "failed":
@@ -325,10 +349,8 @@ class Scheduler:
     ) -> None:
         held = False
         with anyio.move_on_after(30, shield=True):
-            held = await self._retry(
-                lambda: self._store.finish_run(
-                    run.id, self.owner, status, failed_step=failed_step, error=error
-                )
+            held = await self.writer.finish(
+                RunFinish(run_id=run.id, status=status, failed_step=failed_step, error=error)
             )
         if held:
             self.completed += 1

@@ -4,29 +4,35 @@ from orchestrator.store.connection import create_pool, redact_dsn
 from orchestrator.store.migrate import available as available_migrations
 from orchestrator.store.migrate import migrate
 from orchestrator.store.records import (
+    AttemptWrite,
     ClaimedRun,
     DeadLetter,
     DeadLetterRow,
     IncomingEvent,
     IngestResult,
+    RunFinish,
     RunRequest,
     RunRow,
     RunStatus,
     StepAttemptRow,
+    StoredEvent,
 )
 from orchestrator.store.store import Store
 
 __all__ = [
+    "AttemptWrite",
     "ClaimedRun",
     "DeadLetter",
     "DeadLetterRow",
     "IncomingEvent",
     "IngestResult",
+    "RunFinish",
     "RunRequest",
     "RunRow",
     "RunStatus",
     "StepAttemptRow",
     "Store",
+    "StoredEvent",
     "available_migrations",
     "create_pool",
     "migrate",

@@ -10,15 +10,18 @@ import msgspec
 from orchestrator.events import CloudEvent
 
 __all__ = [
+    "AttemptWrite",
     "ClaimedRun",
     "DeadLetter",
     "DeadLetterRow",
     "IncomingEvent",
     "IngestResult",
+    "RunFinish",
     "RunRequest",
     "RunRow",
     "RunStatus",
     "StepAttemptRow",
+    "StoredEvent",
 ]
 
 RunStatus = Literal["pending", "running", "succeeded", "failed", "cancelled"]
@@ -32,6 +35,8 @@ class RunRequest(msgspec.Struct, frozen=True, kw_only=True):
     trigger_key: str
     priority: int = 0
     params: dict[str, Any] = {}
+    flow_key: str | None = None
+    """The rule's key value for this event (flow control groups runs by it)."""
 
 
 class IncomingEvent(msgspec.Struct, frozen=True, kw_only=True):
@@ -47,6 +52,9 @@ class IncomingEvent(msgspec.Struct, frozen=True, kw_only=True):
     """Context of the record's ``<topic> process`` span: the parent of the runs it triggers."""
     tracestate: str | None = None
     runs: tuple[RunRequest, ...] = ()
+    """Runs of simple rules this event matched."""
+    correlations: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
+    """(rule, key, conditions) for each correlated rule this event contributes to."""
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
@@ -124,3 +132,33 @@ class DeadLetterRow(msgspec.Struct, frozen=True, kw_only=True):
     value: bytes | None = None
     key: bytes | None = None
     headers: list[tuple[str, str]] = []
+
+
+class StoredEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """An event as kept in the events table (for replay)."""
+
+    id: int
+    event: CloudEvent
+    published_at: datetime | None
+    traceparent: str | None
+    tracestate: str | None
+
+
+class AttemptWrite(msgspec.Struct, frozen=True, kw_only=True):
+    """A step attempt's row as the scheduler writes it (start, then outcome)."""
+
+    run_id: int
+    step: str
+    attempt: int
+    status: str
+    output: bytes | None = None
+    error: str | None = None
+    started_at: datetime
+    finished_at: datetime | None = None
+
+
+class RunFinish(msgspec.Struct, frozen=True, kw_only=True):
+    run_id: int
+    status: str
+    failed_step: str | None = None
+    error: str | None = None

@@ -16,57 +16,36 @@ import msgspec
 
 from orchestrator.errors import LeaseLost
 from orchestrator.events import CloudEvent
+from orchestrator.store.batch import IngestTx, NewRun
 from orchestrator.store.connection import acquire, create_pool, translate_errors
 from orchestrator.store.migrate import migrate
 from orchestrator.store.records import (
+    AttemptWrite,
     ClaimedRun,
     DeadLetter,
     DeadLetterRow,
     IncomingEvent,
     IngestResult,
+    RunFinish,
+    RunRequest,
     RunRow,
     StepAttemptRow,
+    StoredEvent,
 )
 
-__all__ = ["Store"]
+__all__ = ["Store", "new_run"]
 
 _envelope_decoder = msgspec.json.Decoder(CloudEvent)
 _params_decoder = msgspec.json.Decoder(dict[str, Any])
 _json = msgspec.json.Encoder()
 
-_INSERT_EVENTS = """
-INSERT INTO events (source, event_id, type, subject, event_time, dataset, partition_key,
-                    envelope, topic, kafka_partition, kafka_offset, published_at,
-                    traceparent, tracestate)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
-                     $6::text[], $7::text[], $8::jsonb[], $9::text[], $10::int[],
-                     $11::bigint[], $12::timestamptz[], $13::text[], $14::text[])
-ON CONFLICT (source, event_id) DO NOTHING
-RETURNING id, source, event_id
-"""
+_CLAIMED = """r.id, r.rule, r.pipeline, r.params, r.event_ids, r.first_event_at,
+    r.traceparent, r.tracestate, r.links, r.claims, r.cancel_requested"""
 
-_INSERT_RUNS = """
-INSERT INTO runs (rule, trigger_key, pipeline, priority, params, event_ids, first_event_at,
-                  traceparent, tracestate)
-SELECT r, k, p, pr, pa, ARRAY[e], fe, tp, ts
-FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::jsonb[], $6::bigint[],
-            $7::timestamptz[], $8::text[], $9::text[]) AS u(r, k, p, pr, pa, e, fe, tp, ts)
-ON CONFLICT (rule, trigger_key) DO NOTHING
-RETURNING id
-"""
-
-_INSERT_DEAD = """
-INSERT INTO dead_letters (topic, kafka_partition, kafka_offset, key, value, value_size,
-                          headers, reason)
-SELECT * FROM unnest($1::text[], $2::int[], $3::bigint[], $4::bytea[], $5::bytea[],
-                     $6::int[], $7::jsonb[], $8::text[])
-ON CONFLICT (topic, kafka_partition, kafka_offset) DO NOTHING
-"""
-
-_CLAIM = """
+_CLAIM = f"""
 WITH c AS (
     SELECT id FROM runs
-    WHERE status = 'pending'
+    WHERE status = 'pending' AND flow_key IS NULL
     ORDER BY priority DESC, id
     LIMIT $2
     FOR UPDATE SKIP LOCKED
@@ -76,12 +55,86 @@ SET status = 'running', lease_owner = $1,
     lease_expires_at = now() + make_interval(secs => $3),
     claims = r.claims + 1, started_at = coalesce(r.started_at, now())
 FROM c WHERE r.id = c.id
-RETURNING r.id, r.rule, r.pipeline, r.params, r.event_ids, r.first_event_at, r.traceparent,
-          r.tracestate, r.links, r.claims, r.cancel_requested
+RETURNING {_CLAIMED}
 """
+
+# Runs under flow control: due (not_before passed) and within their (rule, key)
+# concurrency. Daemons take these one claim at a time (an advisory lock), so two daemons
+# cannot both start the last allowed run of a key.
+_CLAIM_FLOW = f"""
+WITH running AS (
+    SELECT rule, flow_key, count(*) AS n FROM runs
+    WHERE status = 'running' AND flow_key IS NOT NULL
+    GROUP BY rule, flow_key
+), cand AS (
+    SELECT r.id, r.concurrency, coalesce(x.n, 0) AS n,
+           row_number() OVER (PARTITION BY r.rule, r.flow_key ORDER BY r.id) AS rn
+    FROM runs r LEFT JOIN running x ON x.rule = r.rule AND x.flow_key = r.flow_key
+    WHERE r.status = 'pending' AND r.flow_key IS NOT NULL
+      AND (r.not_before IS NULL OR r.not_before <= now())
+), c AS (
+    SELECT id FROM runs
+    WHERE id IN (SELECT id FROM cand WHERE concurrency IS NULL OR rn + n <= concurrency)
+    ORDER BY priority DESC, id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE runs r
+SET status = 'running', lease_owner = $1, collecting = false,
+    lease_expires_at = now() + make_interval(secs => $3),
+    claims = r.claims + 1, started_at = coalesce(r.started_at, now())
+FROM c WHERE r.id = c.id
+RETURNING {_CLAIMED}
+"""
+
+_RECORD_ATTEMPTS = """
+INSERT INTO step_attempts (run_id, step, attempt, status, output, error, owner, started_at,
+                           finished_at)
+SELECT u.run_id, u.step, u.attempt, u.status, u.output, u.error, $9, u.started_at,
+       u.finished_at
+FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::jsonb[], $6::text[],
+            $7::timestamptz[], $8::timestamptz[])
+     AS u(run_id, step, attempt, status, output, error, started_at, finished_at)
+JOIN runs r ON r.id = u.run_id AND r.lease_owner = $9
+ON CONFLICT (run_id, step, attempt) DO UPDATE
+SET status = excluded.status, output = excluded.output, error = excluded.error,
+    owner = excluded.owner, finished_at = excluded.finished_at
+RETURNING run_id
+"""
+
+_FINISH_RUNS = """
+UPDATE runs r
+SET status = u.status, finished_at = now(), failed_step = u.failed_step, error = u.error,
+    lease_owner = NULL, lease_expires_at = NULL
+FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[])
+     AS u(id, status, failed_step, error)
+WHERE r.id = u.id AND r.lease_owner = $5 AND r.status = 'running'
+RETURNING r.id
+"""
+
+_EVENT_FILTER = """($1::timestamptz IS NULL OR received_at >= $1)
+    AND ($2::text IS NULL OR topic = $2)
+    AND ($3::int IS NULL OR kafka_partition = $3)
+    AND ($4::bigint IS NULL OR kafka_offset >= $4)
+    AND ($5::bigint IS NULL OR kafka_offset <= $5)"""
 
 _RUN_COLUMNS = """id, rule, pipeline, trigger_key, status, priority, params, event_ids,
     created_at, started_at, finished_at, lease_owner, claims, failed_step, error, traceparent"""
+
+
+def new_run(request: RunRequest, event: IncomingEvent, event_pk: int) -> NewRun:
+    """The run a simple rule's request asks for, triggered by one stored event."""
+    return NewRun(
+        rule=request.rule,
+        pipeline=request.pipeline,
+        trigger_key=request.trigger_key,
+        event_ids=[event_pk],
+        priority=request.priority,
+        params=request.params,
+        first_event_at=event.published_at,
+        traceparent=event.traceparent,
+        tracestate=event.tracestate,
+    )
 
 
 def _run_row(r: asyncpg.Record) -> RunRow:
@@ -134,29 +187,34 @@ class Store:
 
     # -- ingest -------------------------------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def ingest_tx(self) -> AsyncIterator[IngestTx]:
+        """One intake transaction; commits when the block ends, then wakes other daemons
+        if it created or changed runs."""
+        async with acquire(self.pool, "ingest") as conn, conn.transaction():
+            tx = IngestTx(conn, self.schema)
+            yield tx
+            if tx.created or tx.changed:
+                await conn.execute("SELECT pg_notify($1, '')", self.runs_channel)
+
     async def ingest(
         self, events: Sequence[IncomingEvent], dead: Sequence[DeadLetter]
     ) -> IngestResult:
-        """Write a batch in one transaction: dead letters, new events, and their runs.
+        """Write a batch of events with their single-event runs (no flow control).
 
         Events already stored (same source and id) are skipped with their runs, so a
         redelivered batch creates nothing twice.
         """
-        run_ids: list[int] = []
-        new_events = 0
-        async with acquire(self.pool, "ingest") as conn, conn.transaction():
-            if dead:
-                await conn.execute(_INSERT_DEAD, *_dead_columns(dead))
-            if events:
-                inserted = await conn.fetch(_INSERT_EVENTS, *_event_columns(events))
-                new_events = len(inserted)
-                ids = {(r["source"], r["event_id"]): r["id"] for r in inserted}
-                cols = _run_columns(events, ids)
-                if cols[0]:
-                    rows = await conn.fetch(_INSERT_RUNS, *cols)
-                    run_ids = [r["id"] for r in rows]
-                    if run_ids:
-                        await conn.execute("SELECT pg_notify($1, '')", self.runs_channel)
+        async with self.ingest_tx() as tx:
+            await tx.insert_dead(dead)
+            ids = await tx.insert_events(events)
+            new_events = len(ids)
+            runs: list[NewRun] = []
+            for e in events:
+                pk = ids.pop((e.event.source, e.event.id), None)
+                if pk is not None:  # pop: a duplicate later in the batch creates nothing
+                    runs += [new_run(r, e, pk) for r in e.runs]
+            run_ids = await tx.insert_runs(runs)
         return IngestResult(
             new_events=new_events,
             duplicate_events=len(events) - new_events,
@@ -166,17 +224,44 @@ class Store:
 
     # -- run execution --------------------------------------------------------------------
 
-    async def claim_runs(self, owner: str, limit: int, lease_seconds: float) -> list[ClaimedRun]:
+    async def claim_runs(
+        self, owner: str, limit: int, lease_seconds: float, *, flow: bool = False
+    ) -> list[ClaimedRun]:
+        """Claim up to ``limit`` runnable runs for ``owner`` with a lease.
+
+        ``flow``: also claim runs under flow control (debounce, batch, concurrency), which
+        costs a serialised query; daemons whose rules use none skip it.
+        """
         if limit <= 0:
             return []
+        rows: list[asyncpg.Record] = []
         async with acquire(self.pool, "claim runs") as conn:
-            rows = await conn.fetch(_CLAIM, owner, limit, lease_seconds)
+            if flow:
+                async with conn.transaction():
+                    await conn.execute(
+                        "SELECT pg_advisory_xact_lock(hashtext($1))", f"{self.schema}.flow"
+                    )
+                    rows += await conn.fetch(_CLAIM_FLOW, owner, limit, lease_seconds)
+            if len(rows) < limit:
+                rows += await conn.fetch(_CLAIM, owner, limit - len(rows), lease_seconds)
         out = []
         for r in rows:
             fields = dict(r)
             fields["params"] = _params_decoder.decode(fields["params"])
             out.append(ClaimedRun(**fields))
         return out
+
+    async def next_due(self) -> datetime | None:
+        """The earliest future moment a pending run or a correlation deadline comes due."""
+        async with acquire(self.pool, "next due time") as conn:
+            value: datetime | None = await conn.fetchval(
+                """SELECT least(
+                       (SELECT min(not_before) FROM runs
+                        WHERE status = 'pending' AND not_before > now()
+                          AND not_before < 'infinity'),
+                       (SELECT min(deadline) FROM correlations WHERE deadline > now()))"""
+            )
+        return value
 
     async def reclaim_expired(self) -> list[int]:
         """Return runs whose lease expired (their daemon died) to the pending queue."""
@@ -294,6 +379,65 @@ class Store:
             )
         if row is None:
             raise LeaseLost(f"run {run_id} is no longer held by {owner}")
+
+    async def record_outcomes(
+        self,
+        owner: str,
+        attempts: Sequence[AttemptWrite],
+        finishes: Sequence[RunFinish],
+        releases: Sequence[int] = (),
+    ) -> tuple[set[int], set[int]]:
+        """Write step attempts and run outcomes of many runs in one transaction.
+
+        ``releases`` are runs given back to the queue (interrupted by a shutdown). Only rows
+        of runs ``owner`` still holds are written. Returns (runs whose attempts were refused
+        because the lease was lost, runs whose outcome or release was recorded).
+        """
+        lost: set[int] = set()
+        finished: set[int] = set()
+        async with acquire(self.pool, "record outcomes") as conn, conn.transaction():
+            if attempts:
+                cols: list[list[Any]] = [[] for _ in range(8)]
+                for a in attempts:
+                    row = (
+                        a.run_id,
+                        a.step,
+                        a.attempt,
+                        a.status,
+                        a.output,
+                        a.error,
+                        a.started_at,
+                        a.finished_at,
+                    )
+                    for col, v in zip(cols, row, strict=True):
+                        col.append(v)
+                rows = await conn.fetch(_RECORD_ATTEMPTS, *cols, owner)
+                written = {r["run_id"] for r in rows}
+                lost = {a.run_id for a in attempts} - written
+            if finishes:
+                rows = await conn.fetch(
+                    _FINISH_RUNS,
+                    [f.run_id for f in finishes],
+                    [f.status for f in finishes],
+                    [f.failed_step for f in finishes],
+                    [f.error for f in finishes],
+                    owner,
+                )
+                finished = {r["id"] for r in rows}
+            if releases:
+                rows = await conn.fetch(
+                    """UPDATE runs SET status = 'pending', lease_owner = NULL,
+                           lease_expires_at = NULL
+                       WHERE id = ANY($1::bigint[]) AND lease_owner = $2
+                         AND status = 'running'
+                       RETURNING id""",
+                    list(releases),
+                    owner,
+                )
+                finished |= {r["id"] for r in rows}
+            if finished:
+                await conn.execute("SELECT pg_notify($1, '')", self.runs_channel)
+        return lost, finished
 
     async def finish_run(
         self,
@@ -450,6 +594,79 @@ class Store:
                 "UPDATE dead_letters SET redriven_at = now() WHERE id = $1", dead_letter_id
             )
 
+    # -- replay ---------------------------------------------------------------------------
+
+    async def count_events(
+        self,
+        *,
+        since: datetime | None,
+        topic: str | None,
+        partition: int | None,
+        offsets: tuple[int, int] | None,
+    ) -> int:
+        async with acquire(self.pool, "count events") as conn:
+            value: int = await conn.fetchval(
+                f"SELECT count(*) FROM events WHERE {_EVENT_FILTER}",
+                since,
+                topic,
+                partition,
+                None if offsets is None else offsets[0],
+                None if offsets is None else offsets[1],
+            )
+        return value
+
+    async def iter_events(
+        self,
+        *,
+        since: datetime | None,
+        topic: str | None,
+        partition: int | None,
+        offsets: tuple[int, int] | None,
+        batch: int = 1000,
+    ) -> AsyncIterator[list[StoredEvent]]:
+        """Stored events in arrival order, in batches (keyset pagination by id)."""
+        after = 0
+        while True:
+            async with acquire(self.pool, "read events") as conn:
+                rows = await conn.fetch(
+                    f"""SELECT id, envelope, published_at, traceparent, tracestate FROM events
+                        WHERE {_EVENT_FILTER} AND id > $6 ORDER BY id LIMIT $7""",
+                    since,
+                    topic,
+                    partition,
+                    None if offsets is None else offsets[0],
+                    None if offsets is None else offsets[1],
+                    after,
+                    batch,
+                )
+            if not rows:
+                return
+            after = rows[-1]["id"]
+            yield [
+                StoredEvent(
+                    id=r["id"],
+                    event=_envelope_decoder.decode(r["envelope"]),
+                    published_at=r["published_at"],
+                    traceparent=r["traceparent"],
+                    tracestate=r["tracestate"],
+                )
+                for r in rows
+            ]
+
+    async def existing_runs(self, keys: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which of these (rule, trigger_key) pairs already have a run."""
+        if not keys:
+            return set()
+        async with acquire(self.pool, "find runs") as conn:
+            rows = await conn.fetch(
+                """SELECT r.rule, r.trigger_key FROM runs r
+                   JOIN unnest($1::text[], $2::text[]) AS k(rule, trigger_key)
+                     ON r.rule = k.rule AND r.trigger_key = k.trigger_key""",
+                [k[0] for k in keys],
+                [k[1] for k in keys],
+            )
+        return {(r["rule"], r["trigger_key"]) for r in rows}
+
     # -- notifications ------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
@@ -470,72 +687,3 @@ class Store:
         finally:
             with contextlib.suppress(Exception):
                 await conn.close(timeout=2)
-
-
-def _event_columns(events: Sequence[IncomingEvent]) -> list[list[Any]]:
-    cols: list[list[Any]] = [[] for _ in range(14)]
-    for e in events:
-        ev = e.event
-        values = (
-            ev.source,
-            ev.id,
-            ev.type,
-            ev.subject,
-            ev.time,
-            ev.data.dataset,
-            ev.data.partition,
-            e.envelope,
-            e.topic,
-            e.partition,
-            e.offset,
-            e.published_at,
-            e.traceparent,
-            e.tracestate,
-        )
-        for col, v in zip(cols, values, strict=True):
-            col.append(v)
-    return cols
-
-
-def _run_columns(
-    events: Sequence[IncomingEvent], ids: dict[tuple[str, str], int]
-) -> list[list[Any]]:
-    cols: list[list[Any]] = [[] for _ in range(9)]
-    for e in events:
-        key = (e.event.source, e.event.id)
-        event_pk = ids.pop(key, None)  # pop: a duplicate later in the batch creates nothing
-        if event_pk is None:
-            continue
-        for req in e.runs:
-            values = (
-                req.rule,
-                req.trigger_key,
-                req.pipeline,
-                req.priority,
-                _json.encode(req.params),
-                event_pk,
-                e.published_at,
-                e.traceparent,
-                e.tracestate,
-            )
-            for col, v in zip(cols, values, strict=True):
-                col.append(v)
-    return cols
-
-
-def _dead_columns(dead: Sequence[DeadLetter]) -> list[list[Any]]:
-    cols: list[list[Any]] = [[] for _ in range(8)]
-    for d in dead:
-        values = (
-            d.topic,
-            d.partition,
-            d.offset,
-            d.key,
-            d.value,
-            d.value_size,
-            _json.encode(d.headers),
-            d.reason,
-        )
-        for col, v in zip(cols, values, strict=True):
-            col.append(v)
-    return cols

@@ -12,6 +12,7 @@ import orchestrator.pipeline
 from orchestrator.errors import PipelineError
 from orchestrator.events import new_arrival
 from orchestrator.pipeline import Pipeline, RetryPolicy, StepContext
+from orchestrator.pipeline.model import DEFAULT_MAP_CONCURRENCY
 
 pytestmark = pytest.mark.anyio
 
@@ -333,3 +334,170 @@ def test_context_exposes_run_data_read_only(caplog: pytest.LogCaptureFixture) ->
 def test_context_event_without_events_explains() -> None:
     with pytest.raises(PipelineError, match="has no triggering event"):
         _ = ctx_for("load").event
+
+
+# -- fan-out, skip conditions, pipeline options ------------------------------------------------
+
+
+def test_mapped_step_takes_its_item_after_the_context() -> None:
+    p = Pipeline("orders")
+
+    @p.step
+    async def extract(ctx: StepContext) -> list[Summary]:
+        return []
+
+    @p.step
+    async def config(ctx: StepContext) -> dict[str, int]:
+        return {}
+
+    @p.step(map_over=extract)
+    async def load(ctx: StepContext, part: Summary, config: dict[str, int]) -> int:
+        return part.rows
+
+    @p.step(map_over="extract", concurrency=2, depends_on=["config"])
+    async def check(ctx: StepContext, part: Summary) -> None: ...
+
+    step = p.steps["load"]
+    assert (step.map_over, step.item, step.inputs) == ("extract", "part", ("config",))
+    assert step.depends_on == ("extract", "config")
+    assert step.concurrency == DEFAULT_MAP_CONCURRENCY == 8
+    assert p.steps["check"].concurrency == 2
+    assert p.steps["check"].depends_on == ("config", "extract")
+    assert p.steps["extract"].map_over is None
+    assert p.steps["extract"].concurrency is None
+    plan = p.plan()
+    assert plan.output_types["load"] == list[int]
+    assert plan.decoders["load"].decode(b"[1,2]") == [1, 2]
+    assert plan.item_decoders["load"].decode(b"3") == 3
+    assert plan.item_types["load"] is Summary
+    assert plan.input_types["load"] == {"config": dict[str, int]}
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"map_over": "extract", "concurrency": 0}, "concurrency must be an integer >= 1"),
+        ({"map_over": "extract", "concurrency": 1.5}, "concurrency must be an integer >= 1"),
+        ({"concurrency": 4}, "concurrency bounds the items of a mapped step; pass map_over"),
+        ({"map_over": ""}, "map_over is an empty step name"),
+        ({"map_over": 42}, "map_over must be step names or step functions"),
+        ({"skip_if": True}, "skip_if must be a function of the context"),
+        ({"skip_if": lambda: True}, "the first parameter of skip_if must be the step context"),
+        (
+            {"skip_if": lambda ctx, *rest: True},
+            "parameter 'rest' of skip_if must be an ordinary named parameter",
+        ),
+    ],
+)
+def test_invalid_fanout_and_skip_options(options: dict[str, Any], message: str) -> None:
+    p = Pipeline("orders")
+
+    async def load(ctx: StepContext, item: int) -> None: ...
+
+    with pytest.raises(PipelineError, match=rf"pipeline 'orders' step 'load': {message}"):
+        p.step(**options)(load)
+
+
+def test_mapped_step_without_an_item_parameter_is_rejected() -> None:
+    p = Pipeline("orders")
+
+    async def load(ctx: StepContext) -> None: ...
+
+    with pytest.raises(PipelineError, match="a mapped step takes one item after the context"):
+        p.step(map_over="extract")(load)
+
+
+def test_async_skip_condition_is_rejected() -> None:
+    p = Pipeline("orders")
+
+    async def holiday(ctx: StepContext) -> bool:
+        return True
+
+    async def load(ctx: StepContext) -> None: ...
+
+    with pytest.raises(PipelineError, match=r"skip_if must be a plain \(not async\) function"):
+        p.step(skip_if=holiday)(load)
+
+
+def test_item_names_are_reserved() -> None:
+    p = Pipeline("orders")
+
+    async def load(ctx: StepContext) -> None: ...
+
+    with pytest.raises(PipelineError, match=r"names ending in \[n\] are reserved"):
+        p.step(name="load[0]")(load)
+    p.step(name="load[x]")(load)  # only [digits] is an item's
+
+
+def test_skip_condition_parameters_are_dependencies() -> None:
+    p = Pipeline("orders")
+
+    @p.step
+    async def extract(ctx: StepContext) -> list[int]:
+        return []
+
+    @p.step(skip_if=lambda ctx, extrct: not extrct)
+    async def load(ctx: StepContext) -> None: ...
+
+    assert p.steps["load"].skip_inputs == ("extrct",)
+    with pytest.raises(PipelineError, match=r"the parameter 'extrct' of skip_if names no step"):
+        p.validate()
+
+
+def test_mapping_over_an_unknown_step_or_a_non_list_fails_validation() -> None:
+    p = Pipeline("orders")
+
+    @p.step
+    async def count(ctx: StepContext) -> int:
+        return 0
+
+    @p.step(map_over="cuont")
+    async def load(ctx: StepContext, item: int) -> None: ...
+
+    with pytest.raises(PipelineError, match=r"map_over 'cuont' names no step.*'count'\?"):
+        p.validate()
+
+    q = Pipeline("orders")
+    q.step(count)
+    q.step(map_over="count")(load)
+    with pytest.raises(
+        PipelineError, match=r"step 'load': map_over 'count' names a step that returns int, not"
+    ):
+        q.validate()
+
+
+def test_mapping_over_a_mapped_step_or_an_untyped_step_is_valid() -> None:
+    p = Pipeline("orders")
+
+    @p.step
+    async def extract(ctx: StepContext):  # type: ignore[no-untyped-def]
+        return []
+
+    @p.step(map_over="extract")
+    async def first(ctx: StepContext, item: int) -> list[int]:
+        return [item]
+
+    @p.step(map_over="first")
+    async def second(ctx: StepContext, item: list[int]) -> int:
+        return len(item)
+
+    assert p.plan().output_types["second"] == list[int]
+
+
+def test_pipeline_timeout_and_max_concurrent_runs() -> None:
+    p = Pipeline("orders", timeout=3600, max_concurrent_runs=2)
+    assert (p.timeout, p.max_concurrent_runs) == (3600.0, 2)
+    assert (Pipeline("p").timeout, Pipeline("p").max_concurrent_runs) == (None, None)
+    for bad in (0, -1, "1h", True):
+        with pytest.raises(PipelineError, match=r"pipeline 'p': timeout must be a number"):
+            Pipeline("p", timeout=bad)  # type: ignore[arg-type]
+    for bad in (0, 1.5, "2", True):
+        with pytest.raises(PipelineError, match=r"pipeline 'p': max_concurrent_runs must be"):
+            Pipeline("p", max_concurrent_runs=bad)  # type: ignore[arg-type]
+    with pytest.raises(AttributeError):
+        p.timeout = 5  # type: ignore[misc]
+
+
+def test_context_map_index_defaults_to_none() -> None:
+    assert ctx_for("load").map_index is None
+    assert ctx_for("load[3]", map_index=3).map_index == 3

@@ -1,0 +1,333 @@
+"""Attempts: one call of a step function (or of one item of a mapped step), recorded and traced.
+
+An attempt is recorded (``step_started``, then ``step_finished``), runs under the step's
+timeout inside a ``step <name>`` span, and is retried by the step's :class:`RetryPolicy`.
+When cancellation reaches an attempt in flight, it is recorded under a shielded, bounded
+call with the status the execution chooses (``cancelled``, ``interrupted``, or ``failed``
+when the run timed out), then the cancellation propagates.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import traceback
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import msgspec
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+
+from orchestrator.errors import NonRetryableError
+from orchestrator.pipeline.context import StepContext
+from orchestrator.pipeline.model import Step
+from orchestrator.pipeline.records import RunSpec, StepRecord, StepStatus
+
+if TYPE_CHECKING:
+    from orchestrator.pipeline.runner import Runner
+
+__all__ = [
+    "ATTR_ATTEMPT",
+    "ATTR_INDEX",
+    "ATTR_ITEMS",
+    "ATTR_PIPELINE",
+    "ATTR_RUN_ID",
+    "ATTR_SKIPPED",
+    "ATTR_STATUS",
+    "ATTR_STEP",
+    "STEP_DURATION",
+    "Attempts",
+    "Call",
+    "Failed",
+    "Succeeded",
+    "describe",
+]
+
+STEP_DURATION = "orchestrator.step.duration"
+ATTR_RUN_ID = "orchestrator.run_id"
+ATTR_PIPELINE = "orchestrator.pipeline"
+ATTR_STEP = "orchestrator.step"
+ATTR_ATTEMPT = "orchestrator.attempt"
+ATTR_STATUS = "orchestrator.step.status"
+ATTR_SKIPPED = "orchestrator.step.skipped"
+ATTR_INDEX = "orchestrator.step.index"
+"""The item's index, on the span of an item of a mapped step."""
+ATTR_ITEMS = "orchestrator.step.items"
+"""The number of items, on the span of a mapped step."""
+
+_ERROR_LIMIT = 4000
+_TRACEBACK_FRAMES = 3
+
+_log = logging.getLogger(__name__)
+_encoder = msgspec.json.Encoder()
+
+Call = Callable[[StepContext], Awaitable[Any]]
+"""Calls the step function with the context and its prepared inputs."""
+
+
+@dataclass(frozen=True, slots=True)
+class Succeeded:
+    value: Any
+    output: bytes
+    """``value`` as JSON, as recorded."""
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    exc: Exception
+    error: str
+
+
+class Attempts:
+    """Runs and records the attempts of one execution of a run."""
+
+    def __init__(
+        self,
+        runner: Runner,
+        spec: RunSpec,
+        pipeline: str,
+        *,
+        stop_status: Callable[[], tuple[StepStatus, str]],
+        stopping: Callable[[], bool],
+    ) -> None:
+        """``stop_status`` says how to record an attempt that cancellation stopped (status and
+        error); ``stopping`` whether the run is failing, so that nothing is retried."""
+        self.runner = runner
+        self.spec = spec
+        self.pipeline = pipeline
+        self.parent = otel_context.get_current()
+        self.stop_status = stop_status
+        self.stopping = stopping
+
+    def where(self, label: str) -> str:
+        return f"run {self.spec.run_id} pipeline {self.pipeline!r} step {label!r}"
+
+    def context(
+        self,
+        label: str,
+        attempt: int,
+        upstream: Mapping[str, Any],
+        span: trace.Span,
+        index: int | None = None,
+    ) -> StepContext:
+        return StepContext.create(
+            run_id=self.spec.run_id,
+            pipeline=self.pipeline,
+            step=label,
+            attempt=attempt,
+            events=self.spec.events,
+            params=self.spec.params,
+            upstream=upstream,
+            connectors=self.spec.connectors,
+            span=span,
+            map_index=index,
+        )
+
+    def attributes(self, label: str, attempt: int) -> dict[str, str | int | bool]:
+        return {
+            ATTR_RUN_ID: self.spec.run_id,
+            ATTR_PIPELINE: self.pipeline,
+            ATTR_STEP: label,
+            ATTR_ATTEMPT: attempt,
+        }
+
+    async def retrying(
+        self,
+        step: Step,
+        label: str,
+        call: Call,
+        upstream: Mapping[str, Any],
+        *,
+        index: int | None = None,
+        parent: otel_context.Context | None = None,
+    ) -> Succeeded | Failed | None:
+        """Attempt until success, a failure not to retry, or the run failing (``None``)."""
+        policy = step.retry or self.runner.default_retry
+        prior = self.spec.prior_attempts.get(label, 0)
+        tries = 0
+        while True:
+            tries += 1
+            result = await self.attempt(
+                step, label, prior + tries, call, upstream, index=index, parent=parent
+            )
+            if isinstance(result, Succeeded):
+                return result
+            where = f"{self.where(label)} attempt {prior + tries}"
+            if not policy.should_retry(result.exc, tries):
+                _log.warning("%s failed: %s", where, result.error)
+                return result
+            if self.stopping():
+                _log.info("%s failed; not retried, the run is already failing", where)
+                return None
+            delay = policy.delay(tries)
+            _log.info("%s failed, retrying in %.3gs: %s", where, delay, result.error)
+            await self.runner.sleep(delay)
+            if self.stopping():
+                return None
+
+    async def attempt(
+        self,
+        step: Step,
+        label: str,
+        attempt: int,
+        call: Call,
+        upstream: Mapping[str, Any],
+        *,
+        index: int | None = None,
+        parent: otel_context.Context | None = None,
+        skipped: bool = False,
+    ) -> Succeeded | Failed:
+        """One recorded, traced attempt of ``call`` under the step's timeout."""
+        runner, run_id = self.runner, self.spec.run_id
+        started_at = runner.clock()
+        t0 = anyio.current_time()
+        try:
+            await runner.recorder.step_started(run_id, label, attempt, started_at)
+        except anyio.get_cancelled_exc_class():
+            await self._record_stopped(step.name, label, attempt, started_at, t0)
+            raise
+        attributes = self.attributes(label, attempt)
+        if index is not None:
+            attributes[ATTR_INDEX] = index
+        if skipped:
+            attributes[ATTR_SKIPPED] = True
+        result: Succeeded | Failed
+        with runner.tracer.start_as_current_span(
+            f"step {label}",
+            context=self.parent if parent is None else parent,
+            kind=trace.SpanKind.INTERNAL,
+            attributes=attributes,
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span:
+            ctx = self.context(label, attempt, upstream, span, index)
+            try:
+                value = await self._call(step, label, ctx, call)
+                output = _encode(label, value)
+            except anyio.get_cancelled_exc_class():
+                status, error = await self._record_stopped(
+                    step.name, label, attempt, started_at, t0
+                )
+                span.set_attribute(ATTR_STATUS, status)
+                if status == "failed":
+                    span.set_status(trace.Status(trace.StatusCode.ERROR, error))
+                raise
+            except Exception as exc:
+                error = describe(exc)
+                span.record_exception(exc)
+                span.set_status(trace.Status(trace.StatusCode.ERROR, error.partition("\n")[0]))
+                span.set_attribute(ATTR_STATUS, "failed")
+                result = Failed(exc, error)
+                record = self.record(label, attempt, "failed", started_at, error=error)
+            else:
+                span.set_attribute(ATTR_STATUS, "succeeded")
+                result = Succeeded(value, output)
+                record = self.record(
+                    label, attempt, "succeeded", started_at, output=output, skipped=skipped
+                )
+        self.observe(step.name, record.status, t0)
+        await self.finished(record)
+        return result
+
+    async def _call(self, step: Step, label: str, ctx: StepContext, call: Call) -> Any:
+        timeout = step.timeout if step.timeout is not None else self.runner.default_timeout
+        if timeout is None or math.isinf(timeout):
+            return await call(ctx)
+        try:
+            with anyio.fail_after(timeout) as scope:
+                return await call(ctx)
+        except TimeoutError:
+            if scope.cancelled_caught:  # our deadline, not a TimeoutError from the step
+                raise TimeoutError(f"step {label!r} did not finish within {timeout:g}s") from None
+            raise
+
+    def record(
+        self,
+        label: str,
+        attempt: int,
+        status: StepStatus,
+        started_at: datetime,
+        *,
+        output: bytes | None = None,
+        error: str | None = None,
+        skipped: bool = False,
+    ) -> StepRecord:
+        return StepRecord(
+            run_id=self.spec.run_id,
+            step=label,
+            attempt=attempt,
+            status=status,
+            output=output,
+            error=error,
+            started_at=started_at,
+            finished_at=self.runner.clock(),
+            skipped=skipped,
+        )
+
+    async def finished(self, record: StepRecord) -> None:
+        """``step_finished``; made again under a shield if cancellation interrupts it."""
+        try:
+            await self.runner.recorder.step_finished(record)
+        except anyio.get_cancelled_exc_class():
+            await self.shielded(record)
+            raise
+
+    async def _record_stopped(
+        self, step: str, label: str, attempt: int, started_at: datetime, t0: float
+    ) -> tuple[StepStatus, str]:
+        status, error = self.stop_status()
+        record = self.record(label, attempt, status, started_at, error=error)
+        self.observe(step, status, t0)
+        await self.shielded(record)
+        return status, error
+
+    async def shielded(self, record: StepRecord) -> None:
+        """Record an attempt while cancellation is pending: shielded, bounded, never raising."""
+        timeout = self.runner.cleanup_timeout
+        with anyio.move_on_after(timeout, shield=True) as scope:
+            try:
+                await self.runner.recorder.step_finished(record)
+            except Exception:
+                _log.exception(
+                    "%s attempt %d: could not record status %r",
+                    self.where(record.step),
+                    record.attempt,
+                    record.status,
+                )
+        if scope.cancelled_caught:
+            _log.error(
+                "%s attempt %d: recording status %r took longer than %gs; gave up",
+                self.where(record.step),
+                record.attempt,
+                record.status,
+                timeout,
+            )
+
+    def observe(self, step: str, status: StepStatus, t0: float) -> None:
+        """Record the duration; ``step`` is the declared name (never an item's ``load[3]``)."""
+        attrs = {ATTR_PIPELINE: self.pipeline, ATTR_STEP: step, ATTR_STATUS: status}
+        self.runner.duration.record(max(anyio.current_time() - t0, 0.0), attrs)
+
+
+def _encode(step: str, value: Any) -> bytes:
+    try:
+        return _encoder.encode(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise NonRetryableError(
+            f"step {step!r} returned {type(value).__qualname__}, which is not"
+            f" msgspec-serializable ({exc}); return a Struct, dataclass, dict, list or scalar"
+        ) from exc
+
+
+def describe(exc: BaseException) -> str:
+    """``"ExcType: message"`` followed by the innermost frames of the traceback."""
+    text = str(exc)
+    head = f"{type(exc).__qualname__}: {text}" if text else type(exc).__qualname__
+    frames = traceback.extract_tb(exc.__traceback__)[-_TRACEBACK_FRAMES:]
+    tail = "".join(traceback.format_list(frames)).rstrip()
+    full = f"{head}\n{tail}" if tail else head
+    return full if len(full) <= _ERROR_LIMIT else full[: _ERROR_LIMIT - 3] + "..."

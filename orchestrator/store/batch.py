@@ -1,0 +1,323 @@
+"""The intake's write transaction: events, dead letters, runs, flow control, correlation state.
+
+The intake opens one :class:`IngestTx` per Kafka batch (``Store.ingest_tx()``), calls these
+methods in order, and the transaction commits when the block ends; only then are the
+batch's offsets committed. Every method here is SQL only; the decisions (which runs, which
+correlation state) are made by the caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Literal
+
+import asyncpg
+import msgspec
+
+from orchestrator.store.records import DeadLetter, IncomingEvent
+
+__all__ = ["FlowSpec", "IngestTx", "NewRun"]
+
+_json = msgspec.json.Encoder()
+
+
+class NewRun(msgspec.Struct, frozen=True, kw_only=True):
+    """A run to create (if its (rule, trigger_key) is new)."""
+
+    rule: str
+    pipeline: str
+    trigger_key: str
+    event_ids: list[int]
+    priority: int = 0
+    params: dict[str, Any] = {}
+    first_event_at: datetime | None = None
+    traceparent: str | None = None
+    tracestate: str | None = None
+    links: list[str] = []
+    flow_key: str | None = None
+    concurrency: int | None = None
+
+
+class FlowSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """Flow control of one rule, in seconds."""
+
+    debounce: float | None = None
+    batch_max: int | None = None
+    batch_wait: float | None = None
+    on_overlap: Literal["queue", "skip", "cancel_running"] = "queue"
+
+    @property
+    def collects(self) -> bool:
+        return (
+            self.debounce is not None or self.batch_max is not None or (self.batch_wait is not None)
+        )
+
+
+_INSERT_EVENTS = """
+INSERT INTO events (source, event_id, type, subject, event_time, dataset, partition_key,
+                    envelope, topic, kafka_partition, kafka_offset, published_at,
+                    traceparent, tracestate)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
+                     $6::text[], $7::text[], $8::jsonb[], $9::text[], $10::int[],
+                     $11::bigint[], $12::timestamptz[], $13::text[], $14::text[])
+ON CONFLICT (source, event_id) DO NOTHING
+RETURNING id, source, event_id
+"""
+
+_INSERT_RUNS = """
+INSERT INTO runs (rule, trigger_key, pipeline, priority, params, event_ids, first_event_at,
+                  traceparent, tracestate)
+SELECT r, k, p, pr, pa, ARRAY[e], fe, tp, ts
+FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::jsonb[], $6::bigint[],
+            $7::timestamptz[], $8::text[], $9::text[]) AS u(r, k, p, pr, pa, e, fe, tp, ts)
+ON CONFLICT (rule, trigger_key) DO NOTHING
+RETURNING id
+"""
+
+_INSERT_ONE_RUN = """
+INSERT INTO runs (rule, trigger_key, pipeline, priority, params, event_ids, first_event_at,
+                  traceparent, tracestate, links, flow_key, concurrency, collecting, not_before)
+VALUES ($1, $2, $3, $4, $5, $6::bigint[], $7, $8, $9, $10::text[], $11, $12, $13,
+        CASE WHEN $14::float8 IS NULL THEN NULL
+             WHEN $14::float8 = 'infinity'::float8 THEN 'infinity'::timestamptz
+             ELSE now() + make_interval(secs => $14::float8) END)
+ON CONFLICT (rule, trigger_key) DO NOTHING
+RETURNING id
+"""
+
+_INSERT_DEAD = """
+INSERT INTO dead_letters (topic, kafka_partition, kafka_offset, key, value, value_size,
+                          headers, reason)
+SELECT * FROM unnest($1::text[], $2::int[], $3::bigint[], $4::bytea[], $5::bytea[],
+                     $6::int[], $7::jsonb[], $8::text[])
+ON CONFLICT (topic, kafka_partition, kafka_offset) DO NOTHING
+"""
+
+
+class IngestTx:
+    """One open intake transaction. Created by ``Store.ingest_tx()``."""
+
+    def __init__(self, conn: asyncpg.Connection, schema: str) -> None:
+        self._conn = conn
+        self._schema = schema
+        self.created: list[int] = []
+        self.changed = False
+        """True when a pending run changed (events appended): the scheduler should look."""
+
+    async def insert_dead(self, dead: Sequence[DeadLetter]) -> None:
+        if not dead:
+            return
+        cols: list[list[Any]] = [[] for _ in range(8)]
+        for d in dead:
+            row = (
+                d.topic,
+                d.partition,
+                d.offset,
+                d.key,
+                d.value,
+                d.value_size,
+                _json.encode(d.headers),
+                d.reason,
+            )
+            for col, v in zip(cols, row, strict=True):
+                col.append(v)
+        await self._conn.execute(_INSERT_DEAD, *cols)
+
+    async def insert_events(self, events: Sequence[IncomingEvent]) -> dict[tuple[str, str], int]:
+        """Insert events; returns the primary keys of the ones that were new."""
+        if not events:
+            return {}
+        cols: list[list[Any]] = [[] for _ in range(14)]
+        for e in events:
+            ev = e.event
+            row = (
+                ev.source,
+                ev.id,
+                ev.type,
+                ev.subject,
+                ev.time,
+                ev.data.dataset,
+                ev.data.partition,
+                e.envelope,
+                e.topic,
+                e.partition,
+                e.offset,
+                e.published_at,
+                e.traceparent,
+                e.tracestate,
+            )
+            for col, v in zip(cols, row, strict=True):
+                col.append(v)
+        rows = await self._conn.fetch(_INSERT_EVENTS, *cols)
+        return {(r["source"], r["event_id"]): r["id"] for r in rows}
+
+    async def insert_runs(self, runs: Sequence[NewRun]) -> list[int]:
+        """Bulk-create single-event runs without flow control."""
+        if not runs:
+            return []
+        cols: list[list[Any]] = [[] for _ in range(9)]
+        for r in runs:
+            row = (
+                r.rule,
+                r.trigger_key,
+                r.pipeline,
+                r.priority,
+                _json.encode(r.params),
+                r.event_ids[0],
+                r.first_event_at,
+                r.traceparent,
+                r.tracestate,
+            )
+            for col, v in zip(cols, row, strict=True):
+                col.append(v)
+        ids = [r["id"] for r in await self._conn.fetch(_INSERT_RUNS, *cols)]
+        self.created += ids
+        return ids
+
+    async def add_flow_run(self, run: NewRun, flow: FlowSpec) -> int | None:
+        """Create ``run`` under its rule's flow control, or fold it into a collecting run.
+
+        Returns the id of the run created or extended, or None when ``on_overlap = "skip"``
+        dropped it because a run for the same (rule, key) is pending or running.
+        """
+        conn = self._conn
+        if flow.collects and run.flow_key is not None:
+            row = await conn.fetchrow(
+                """SELECT id, cardinality(event_ids) AS n FROM runs
+                   WHERE rule = $1 AND flow_key = $2 AND status = 'pending' AND collecting
+                   ORDER BY id LIMIT 1 FOR UPDATE""",
+                run.rule,
+                run.flow_key,
+            )
+            if row is not None:
+                total = row["n"] + len(run.event_ids)
+                full = flow.batch_max is not None and total >= flow.batch_max
+                await conn.execute(
+                    """UPDATE runs SET event_ids = event_ids || $2::bigint[],
+                           links = links || $3::text[],
+                           collecting = NOT $4,
+                           not_before = CASE WHEN $4 THEN now()
+                                             WHEN $5::float8 IS NOT NULL
+                                             THEN now() + make_interval(secs => $5::float8)
+                                             ELSE not_before END
+                       WHERE id = $1""",
+                    row["id"],
+                    run.event_ids,
+                    [run.traceparent] if run.traceparent else [],
+                    full,
+                    flow.debounce,
+                )
+                self.changed = True
+                return int(row["id"])
+        if flow.on_overlap != "queue" and run.flow_key is not None:
+            active = await conn.fetch(
+                """SELECT id, status FROM runs
+                   WHERE rule = $1 AND flow_key = $2 AND status IN ('pending', 'running')
+                   FOR UPDATE""",
+                run.rule,
+                run.flow_key,
+            )
+            if active and flow.on_overlap == "skip":
+                return None
+            for a in active:
+                if a["status"] == "pending":
+                    await conn.execute(
+                        """UPDATE runs SET status = 'cancelled', finished_at = now(),
+                               error = 'cancelled: superseded by a newer run (on_overlap)'
+                           WHERE id = $1""",
+                        a["id"],
+                    )
+                else:
+                    await conn.execute(
+                        "UPDATE runs SET cancel_requested = true WHERE id = $1", a["id"]
+                    )
+                    await conn.execute(
+                        "SELECT pg_notify($1, $2)", f"{self._schema}_cancel", str(a["id"])
+                    )
+        delay: float | None = None
+        collecting = flow.collects
+        if flow.debounce is not None:
+            delay = flow.debounce
+        elif flow.batch_max is not None or flow.batch_wait is not None:
+            delay = flow.batch_wait if flow.batch_wait is not None else float("inf")
+        if flow.batch_max is not None and len(run.event_ids) >= flow.batch_max:
+            collecting, delay = False, None
+        rid = await conn.fetchval(
+            _INSERT_ONE_RUN,
+            run.rule,
+            run.trigger_key,
+            run.pipeline,
+            run.priority,
+            _json.encode(run.params),
+            run.event_ids,
+            run.first_event_at,
+            run.traceparent,
+            run.tracestate,
+            run.links,
+            run.flow_key,
+            run.concurrency,
+            collecting,
+            delay,
+        )
+        if rid is not None:
+            self.created.append(rid)
+        return None if rid is None else int(rid)
+
+    async def lock_correlations(
+        self, keys: Sequence[tuple[str, str]]
+    ) -> dict[tuple[str, str], bytes]:
+        """Lock and read the correlation state of these (rule, key) pairs (missing: absent)."""
+        if not keys:
+            return {}
+        ordered = sorted(set(keys))  # a fixed lock order: concurrent batches cannot deadlock
+        rows = await self._conn.fetch(
+            """SELECT c.rule, c.key, c.state FROM correlations c
+               JOIN unnest($1::text[], $2::text[]) AS k(rule, key)
+                 ON c.rule = k.rule AND c.key = k.key
+               ORDER BY c.rule, c.key
+               FOR UPDATE OF c""",
+            [r for r, _ in ordered],
+            [k for _, k in ordered],
+        )
+        return {(r["rule"], r["key"]): r["state"] for r in rows}
+
+    async def save_correlation(
+        self, rule: str, key: str, state: bytes | None, deadline: datetime | None
+    ) -> None:
+        if state is None:
+            await self._conn.execute(
+                "DELETE FROM correlations WHERE rule = $1 AND key = $2", rule, key
+            )
+            return
+        await self._conn.execute(
+            """INSERT INTO correlations (rule, key, state, deadline) VALUES ($1, $2, $3, $4)
+               ON CONFLICT (rule, key) DO UPDATE
+               SET state = $3, deadline = $4, updated_at = now()""",
+            rule,
+            key,
+            state,
+            deadline,
+        )
+
+    async def due_correlations(self, limit: int) -> list[tuple[str, str, bytes]]:
+        """Lock correlation rows whose deadline has passed (skipping ones others hold)."""
+        rows = await self._conn.fetch(
+            """SELECT rule, key, state FROM correlations
+               WHERE deadline IS NOT NULL AND deadline <= now()
+               ORDER BY deadline LIMIT $1 FOR UPDATE SKIP LOCKED""",
+            limit,
+        )
+        return [(r["rule"], r["key"], r["state"]) for r in rows]
+
+    async def traceparents(self, event_ids: Sequence[int]) -> list[str]:
+        """Trace contexts of these events' processing spans (links of a multi-event run)."""
+        rows = await self._conn.fetch(
+            "SELECT traceparent FROM events WHERE id = ANY($1::bigint[]) ORDER BY id",
+            list(event_ids),
+        )
+        return [r["traceparent"] for r in rows if r["traceparent"]]
+
+    async def now(self) -> datetime:
+        value: datetime = await self._conn.fetchval("SELECT now()")
+        return value
