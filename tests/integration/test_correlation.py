@@ -240,7 +240,8 @@ async def test_replay_dry_run_then_create(
         '[[rule]]\nname = "orders"\npipeline = "p"\n'
         '[rule.match]\ndata.dataset = ["sales.orders"]\n'
         '\n[[rule]]\nname = "rollup"\npipeline = "p"\nall_of = ["o", "c"]\n'
-        '[rule.on.o]\ndata.dataset = ["sales.orders"]\n[rule.on.c]\ndata.dataset = ["sales.customers"]\n'
+        '[rule.on.o]\ndata.dataset = ["sales.orders"]\n'
+        '[rule.on.c]\ndata.dataset = ["sales.customers"]\n'
     )
     config = tmp_path / "orchestrator.toml"
     config.write_text(to_toml(settings))
