@@ -308,7 +308,6 @@ class Scheduler:
             if run.cancel_requested:
                 await self._finish(run, "cancelled", None, "cancelled by operator")
                 return
-            events = await self._retry(lambda: self._store.load_events(run.event_ids))
             completed: Mapping[str, bytes] = {}
             prior: Mapping[str, int] = {}
             if run.claims > 1:  # resumed: skip what succeeded, continue attempt numbering
@@ -316,7 +315,7 @@ class Scheduler:
             spec = RunSpec(
                 run_id=run.id,
                 pipeline=pipeline,
-                events=tuple(events[i] for i in run.event_ids if i in events),
+                events=run.events,
                 params=run.params,
                 completed=completed,
                 prior_attempts=prior,

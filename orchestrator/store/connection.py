@@ -46,6 +46,12 @@ def _decode_jsonb(data: bytes) -> bytes:
     return bytes(data[1:])
 
 
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """Pool release hook: the store leaves no session state behind (no SET, LISTEN, cursors
+    or session locks outside ``migrate``, which undoes its own), so the default reset
+    round trip on every release is skipped."""
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     await conn.set_type_codec(
         "jsonb", schema="pg_catalog", encoder=_encode_jsonb, decoder=_decode_jsonb, format="binary"
@@ -85,6 +91,7 @@ async def create_pool(
             min_size=min_size,
             max_size=max_size,
             init=_init_connection,
+            reset=_keep_session,
             server_settings={"search_path": schema, "application_name": "orchestrator"},
             ssl=_ssl_context(sslmode, sslrootcert),
             timeout=10,

@@ -87,6 +87,8 @@ class ClaimedRun(msgspec.Struct, frozen=True, kw_only=True):
     links: list[str]
     claims: int
     cancel_requested: bool
+    events: tuple[CloudEvent, ...] = ()
+    """The triggering events, loaded with the claim (in ``event_ids`` order)."""
 
 
 class RunRow(msgspec.Struct, frozen=True, kw_only=True):

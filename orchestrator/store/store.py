@@ -40,7 +40,9 @@ _params_decoder = msgspec.json.Decoder(dict[str, Any])
 _json = msgspec.json.Encoder()
 
 _CLAIMED = """r.id, r.rule, r.pipeline, r.params, r.event_ids, r.first_event_at,
-    r.traceparent, r.tracestate, r.links, r.claims, r.cancel_requested"""
+    r.traceparent, r.tracestate, r.links, r.claims, r.cancel_requested,
+    (SELECT coalesce(array_agg(e.envelope ORDER BY array_position(r.event_ids, e.id)), '{}')
+     FROM events e WHERE e.id = ANY(r.event_ids)) AS envelopes"""
 
 _CLAIM = f"""
 WITH c AS (
@@ -248,6 +250,7 @@ class Store:
         for r in rows:
             fields = dict(r)
             fields["params"] = _params_decoder.decode(fields["params"])
+            fields["events"] = tuple(_envelope_decoder.decode(e) for e in fields.pop("envelopes"))
             out.append(ClaimedRun(**fields))
         return out
 
