@@ -14,6 +14,10 @@ A bucket entry holds the rule's pattern *without* the clause the bucket already 
 the common rule costs one dictionary lookup plus its remaining clauses. When an event's
 ``data`` is a list (EventBridge's array matching must then see whole elements), the full
 pattern is used instead. Results are always in rule order.
+
+Correlated rules are kept apart: :meth:`RuleSet.match` never returns them, and
+:meth:`RuleSet.correlate` uses an index of their conditions on exact datasets
+(:mod:`.correlated_index`).
 """
 
 from __future__ import annotations
@@ -21,12 +25,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+from orchestrator.triggers.buckets import dataset_keys, exact_strings, without, without_dataset
 from orchestrator.triggers.codegen import Group, generate_group
-from orchestrator.triggers.nodes import Clause, Nested, Node, Or, Test
+from orchestrator.triggers.correlated_index import CorrelatedIndex, explain_correlated
+from orchestrator.triggers.correlation import Correlator
+from orchestrator.triggers.nodes import Node, Test
 from orchestrator.triggers.operators import leaf_values
-from orchestrator.triggers.patterns import CompiledPattern
 from orchestrator.triggers.problems import RuleProblem
-from orchestrator.triggers.rules import Explanation, Rule, validate_rule
+from orchestrator.triggers.rules import Explanation, Rule
+from orchestrator.triggers.validation import CompiledRule, validate_rule
 
 __all__ = ["RuleSet", "assemble"]
 
@@ -42,20 +49,26 @@ class RuleSet:
         "_by_dataset",
         "_by_prefix",
         "_by_type",
+        "_compiled",
+        "_correlated_index",
+        "_correlators",
         "_full",
         "_members",
-        "_patterns",
         "_prefix_lengths",
         "_stats",
         "_unindexed",
+        "correlated",
         "rules",
     )
 
     rules: tuple[Rule, ...]
+    """Every rule, simple and correlated, enabled or not, in rule (file) order."""
+    correlated: tuple[Correlator, ...]
+    """The enabled correlated rules, compiled, in rule order."""
 
     def __init__(self, rules: Iterable[Rule] = ()) -> None:
         rules = tuple(rules)
-        patterns: list[CompiledPattern] = []
+        patterns: list[CompiledRule] = []
         seen: set[str] = set()
         for position, rule in enumerate(rules, 1):
             compiled, problems = validate_rule(rule, label=rule.name or f"#{position}")
@@ -79,31 +92,39 @@ class RuleSet:
         """Validate and compile every rule; raise :class:`RuleError` on the first problem."""
         return cls(rules)
 
-    def _setup(self, rules: tuple[Rule, ...], patterns: tuple[CompiledPattern, ...]) -> None:
+    def _setup(self, rules: tuple[Rule, ...], compiled: tuple[CompiledRule, ...]) -> None:
         self.rules = rules
-        self._patterns = patterns
-        self._full: tuple[Test, ...] = tuple(p.matches for p in patterns)
+        self._compiled = compiled
+        self._full: tuple[Test, ...] = tuple(
+            c.match.matches if c.match is not None else _never for c in compiled
+        )
+        self._correlators: dict[int, Correlator] = {
+            i: Correlator(rule, c)
+            for i, (rule, c) in enumerate(zip(rules, compiled, strict=True))
+            if rule.correlated
+        }
+        self._setup_correlated(rules)
         by_dataset: _Members = {}
         by_prefix: _Members = {}
         by_type: _Members = {}
         unindexed: list[tuple[int, Node]] = []
-        for i, (rule, pattern) in enumerate(zip(rules, patterns, strict=True)):
-            if not rule.enabled:
+        for i, (rule, pattern) in enumerate(zip(rules, compiled, strict=True)):
+            if not rule.enabled or pattern.match is None or i in self._correlators:
                 continue
-            match, root = rule.match, pattern.root
+            match, root = rule.match, pattern.match.root
             data = match.get("data")
-            keys = _dataset_keys(data.get("dataset")) if isinstance(data, Mapping) else None
+            keys = dataset_keys(data.get("dataset")) if isinstance(data, Mapping) else None
             if keys is not None:
-                node = _without_dataset(root)
+                node = without_dataset(root)
                 exact, prefixes = keys
                 for key in exact:
                     by_dataset.setdefault(key, []).append((i, node))
                 for key in prefixes:
                     by_prefix.setdefault(key, []).append((i, node))
                 continue
-            types = _exact_strings(match.get("type"))
+            types = exact_strings(match.get("type"))
             if types:
-                node = _without(root, "type")
+                node = without(root, "type")
                 for key in types:
                     by_type.setdefault(key, []).append((i, node))
                 continue
@@ -188,14 +209,35 @@ class RuleSet:
                 if self._full[i](event):
                     append(i)
 
+    def _setup_correlated(self, rules: tuple[Rule, ...]) -> None:
+        active = [i for i in sorted(self._correlators) if rules[i].enabled]
+        self.correlated = tuple(self._correlators[i] for i in active)
+        self._correlated_index = CorrelatedIndex(
+            self.correlated, tuple(self._compiled[i] for i in active)
+        )
+
+    def correlate(self, event: Mapping[str, Any]) -> list[tuple[Correlator, str, list[str]]]:
+        """``(correlator, key, conditions)`` for every enabled correlated rule that ``event``
+        contributes to: it satisfies at least one ``on`` condition (and ``match``, if given)
+        and has the rule's key. In rule order; conditions in ``on`` order."""
+        if not self.correlated:
+            return []
+        return self._correlated_index.correlate(event)
+
     def explain(self, event: Mapping[str, Any]) -> list[Explanation]:
-        """One :class:`Explanation` per rule, in rule order; agrees with :meth:`match`."""
+        """One :class:`Explanation` per rule, in rule order; agrees with :meth:`match` for
+        simple rules and with :meth:`correlate` for correlated ones (``matched``: the event
+        contributes a condition for a key)."""
         out: list[Explanation] = []
-        for rule, pattern in zip(self.rules, self._patterns, strict=True):
+        for i, (rule, compiled) in enumerate(zip(self.rules, self._compiled, strict=True)):
             if not rule.enabled:
                 out.append(Explanation(rule.name, False, "rule is disabled (enabled = false)"))
                 continue
-            reason = pattern.explain(event)
+            corr = self._correlators.get(i)
+            if corr is not None:
+                out.append(explain_correlated(corr, compiled, event))
+                continue
+            reason = compiled.match.explain(event) if compiled.match is not None else None
             out.append(Explanation(rule.name, reason is None, reason or "matched"))
         return out
 
@@ -206,58 +248,28 @@ class RuleSet:
         return iter(self.rules)
 
     def __repr__(self) -> str:
+        correlated = (
+            f"; {len(self.correlated)} correlated "
+            f"({self._correlated_index.unindexed_rules} unindexed)"
+            if self.correlated
+            else ""
+        )
         return (
             f"<RuleSet {len(self.rules)} rules: {len(self._by_dataset)} dataset keys, "
             f"{len(self._by_prefix)} dataset prefixes, {len(self._by_type)} type keys, "
-            f"{self._stats} unindexed>"
+            f"{self._stats} unindexed{correlated}>"
         )
 
 
-def assemble(rules: tuple[Rule, ...], patterns: tuple[CompiledPattern, ...]) -> RuleSet:
+def assemble(rules: tuple[Rule, ...], compiled: tuple[CompiledRule, ...]) -> RuleSet:
     """A RuleSet from rules already validated and compiled (by the loader)."""
     ruleset = RuleSet.__new__(RuleSet)
-    ruleset._setup(rules, patterns)  # same package; avoids compiling twice
+    ruleset._setup(rules, compiled)  # same package; avoids compiling twice
     return ruleset
 
 
-def _without(node: Node, key: str) -> Node:
-    """``node`` less its clause on ``key`` (which a bucket has already decided)."""
-    return Node([c for c in node.clauses if isinstance(c, Or) or c.key != key])
-
-
-def _without_dataset(root: Node) -> Node:
-    clauses: list[Clause] = []
-    for clause in root.clauses:
-        if isinstance(clause, Nested) and clause.key == "data":
-            rest = _without(clause.sub, "dataset")
-            if rest.clauses:
-                clauses.append(Nested(clause.key, clause.path, rest))
-        else:
-            clauses.append(clause)
-    return Node(clauses)
-
-
-def _exact_strings(items: Any) -> list[str]:
-    items = items if isinstance(items, list | tuple) else [items]
-    if items and all(isinstance(x, str) for x in items):
-        return list(dict.fromkeys(items))
-    return []
-
-
-def _dataset_keys(items: Any) -> tuple[list[str], list[str]] | None:
-    items = items if isinstance(items, list | tuple) else [items]
-    exact: list[str] = []
-    prefixes: list[str] = []
-    for item in items:
-        if isinstance(item, str):
-            exact.append(item)
-        elif isinstance(item, Mapping) and len(item) == 1 and isinstance(item.get("prefix"), str):
-            prefixes.append(item["prefix"])
-        else:
-            return None
-    if not items:
-        return None
-    return list(dict.fromkeys(exact)), list(dict.fromkeys(prefixes))
+def _never(_: Mapping[str, Any]) -> bool:
+    return False
 
 
 def _strings(value: list[Any] | tuple[Any, ...]) -> set[str]:

@@ -18,26 +18,31 @@ from __future__ import annotations
 
 import difflib
 import tomllib
-from collections.abc import Collection, Sequence
+import types
+import typing
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import msgspec
 
 from orchestrator.triggers.index import RuleSet, assemble
-from orchestrator.triggers.patterns import CompiledPattern
 from orchestrator.triggers.problems import RuleProblem, rule_label, show
-from orchestrator.triggers.rules import Rule, validate_rule
+from orchestrator.triggers.rules import Rule
+from orchestrator.triggers.validation import CompiledRule, validate_rule
 
 __all__ = ["check_rules", "load_rules"]
 
 _FIELDS = {f.name: f for f in msgspec.structs.fields(Rule)}
-_EXPECTED = {
+_EXPECTED: dict[Any, str] = {
     str: "a string",
     int: "an integer",
     bool: "true or false",
     dict[str, Any]: "a table",
+    list[str]: "a list of strings",
 }
+_BAD: Any = object()
+"""A value that failed conversion (its problem is already reported)."""
 
 
 def load_rules(paths: Sequence[str | Path]) -> RuleSet:
@@ -65,7 +70,7 @@ class _Loaded(NamedTuple):
     file: str
     label: str
     rule: Rule
-    pattern: CompiledPattern
+    pattern: CompiledRule
 
 
 class _Context(NamedTuple):
@@ -173,11 +178,9 @@ def _rule(ctx: _Context, position: int, table: Any) -> _Loaded | None:
             hint = f"did you mean {close[0]!r}? " if close else ""
             problem(key, f"unknown key {key!r}; {hint}known keys: {', '.join(_FIELDS)}")
             continue
-        try:
-            values[key] = msgspec.convert(value, info.type, strict=True)
-        except msgspec.ValidationError:
-            expected = _EXPECTED.get(info.type, str(info.type))
-            problem(key, f"expected {expected}, got {show(value)}")
+        converted = _convert(value, info.type, key, problem)
+        if converted is not _BAD:
+            values[key] = converted
     for key, info in _FIELDS.items():
         if info.required and key not in table:
             problem(key, f"missing required key {key!r}")
@@ -185,10 +188,20 @@ def _rule(ctx: _Context, position: int, table: Any) -> _Loaded | None:
     if ctx.pipelines is not None and isinstance(pipeline, str) and pipeline not in ctx.pipelines:
         problem("pipeline", _unknown_pipeline(pipeline, ctx.pipelines))
     if len(problems) > before:
-        if "match" in values:  # still report pattern problems alongside the others
-            problems.extend(validate_rule(_stub(values), file=file, label=label)[1])
+        # still report pattern problems alongside the others
+        patterns = {k: values[k] for k in ("match", "on") if k in values}
+        if patterns:
+            stub = Rule(name="-", pipeline="-", **patterns)
+            problems.extend(validate_rule(stub, file=file, label=label, patterns_only=True)[1])
         return None
     rule = Rule(**values)
+    if "match" not in table and not rule.correlated:
+        problem(
+            "match",
+            "missing required key 'match' (the pattern that selects events); or define "
+            "conditions with on + all_of, any_of, n_of, sequence or expect",
+        )
+        return None
     pattern, found = validate_rule(rule, file=file, label=label)
     problems.extend(found)
     if pattern is None or found:
@@ -196,6 +209,54 @@ def _rule(ctx: _Context, position: int, table: Any) -> _Loaded | None:
     return _Loaded(file=file, label=label, rule=rule, pattern=pattern)
 
 
-def _stub(values: dict[str, Any]) -> Rule:
-    """A stand-in rule to check ``match`` of a rule whose other fields are wrong."""
-    return Rule(name="-", pipeline="-", match=values["match"])
+def _convert(value: Any, kind: Any, field: str, problem: Callable[[str, str], None]) -> Any:
+    """``value`` as type ``kind`` (a field type of Rule), or ``_BAD`` after reporting why.
+
+    Tables that become Structs (``n_of``, ``expect``, ``batch``) and named tables (``on``)
+    are checked key by key, so problems name the inner field (``n_of.n``, ``on.orders``).
+    """
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if isinstance(kind, types.UnionType) and len(args) == 1:
+        kind = args[0]  # X | None: TOML has no null, so the value is an X
+    if isinstance(kind, type) and issubclass(kind, msgspec.Struct):
+        if not isinstance(value, dict):
+            problem(field, f"expected a table, got {show(value)}")
+            return _BAD
+        fields = {f.name: f for f in msgspec.structs.fields(kind)}
+        values: dict[str, Any] = {}
+        for key, item in value.items():
+            info = fields.get(key)
+            if info is None:
+                close = difflib.get_close_matches(key, list(fields), n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                problem(
+                    f"{field}.{key}",
+                    f"unknown key {key!r} in {field}; {hint}known keys: {', '.join(fields)}",
+                )
+                continue
+            values[key] = _convert(item, info.type, f"{field}.{key}", problem)
+        missing = [k for k, info in fields.items() if info.required and k not in value]
+        for key in missing:
+            problem(f"{field}.{key}", f"missing required key {key!r} in {field}")
+        if missing or len(values) < len(value) or any(v is _BAD for v in values.values()):
+            return _BAD
+        return kind(**values)
+    if kind == dict[str, dict[str, Any]]:
+        if not isinstance(value, dict):
+            problem(field, f"expected a table of named conditions, got {show(value)}")
+            return _BAD
+        bad = False
+        for name, pattern in value.items():
+            if not isinstance(pattern, dict):
+                problem(
+                    f"{field}.{name}",
+                    f"expected a pattern (a table of event fields), got {show(pattern)}",
+                )
+                bad = True
+        return _BAD if bad else value
+    try:
+        return msgspec.convert(value, kind, strict=True)
+    except msgspec.ValidationError:
+        expected = _EXPECTED.get(kind, str(kind))
+        problem(field, f"expected {expected}, got {show(value)}")
+        return _BAD

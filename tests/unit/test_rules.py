@@ -80,15 +80,27 @@ def rule(name: str, match: dict[str, Any], **kwargs: Any) -> Rule:
 
 def test_public_names_are_exported() -> None:
     assert sorted(triggers.__all__) == [
+        "Batch",
         "CompiledPattern",
+        "CorrelationState",
+        "Correlator",
+        "Expect",
         "Explanation",
+        "Firing",
+        "FlowControl",
+        "NOf",
         "Rule",
         "RuleProblem",
         "RuleSet",
         "check_rules",
         "compile_pattern",
+        "correlator",
         "event_to_dict",
+        "flow_control",
+        "key_of",
         "load_rules",
+        "parse_duration",
+        "render_params",
     ]
     for name in triggers.__all__:
         assert getattr(triggers, name) is not None
@@ -453,7 +465,8 @@ match = { type = ["t"] }
         "rules.toml: rule 'daily' field 'match.data.region': prefix expects a string or "
         '{ equals-ignore-case = "..." }, got number 5',
         "rules.toml: rule #2 field 'colour': unknown key 'colour'; known keys: name, pipeline, "
-        "match, priority, params, description, enabled",
+        "match, priority, params, description, enabled, key, on, all_of, any_of, n_of, "
+        "sequence, within, expect, debounce, batch, concurrency, on_overlap",
         "rules.toml: rule #2 field 'name': missing required key 'name'",
         "rules.toml: rule #2 field 'pipeline': unknown pipeline 'nope'; known pipelines: "
         "publish, rollup",
