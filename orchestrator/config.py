@@ -22,6 +22,7 @@ import msgspec
 from orchestrator.errors import ConfigError
 
 __all__ = [
+    "ContractSettings",
     "HealthSettings",
     "KafkaSettings",
     "PipelineSettings",
@@ -151,6 +152,24 @@ class HealthSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=
     """HTTP port for ``/livez`` and ``/readyz``; 0 disables the endpoint."""
 
 
+class ContractSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """The data contract of one dataset (``[contracts."<dataset>"]``)."""
+
+    required: tuple[str, ...] = ()
+    """Payload fields that must be present: ``partition``, ``uri``, ``rows``, ``bytes``,
+    ``schema``."""
+    partition_pattern: str = ""
+    """Regular expression the whole ``partition`` must match (e.g. ``\\d{4}-\\d{2}-\\d{2}``)."""
+    min_rows: int | None = None
+    """Smallest acceptable ``rows`` (a missing ``rows`` then breaks the contract)."""
+    max_bytes: int | None = None
+    """Largest acceptable ``bytes``."""
+    attributes: dict[str, str] = {}
+    """Attributes that must be present, with their type: ``str``, ``int``, ``float``, ``bool``."""
+    allow_extra_attributes: bool = True
+    """False: attributes not listed in ``attributes`` break the contract."""
+
+
 class Settings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     kafka: KafkaSettings = msgspec.field(default_factory=KafkaSettings)
     postgres: PostgresSettings = msgspec.field(default_factory=PostgresSettings)
@@ -159,6 +178,12 @@ class Settings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     runner: RunnerSettings = msgspec.field(default_factory=RunnerSettings)
     telemetry: TelemetrySettings = msgspec.field(default_factory=TelemetrySettings)
     health: HealthSettings = msgspec.field(default_factory=HealthSettings)
+    contracts: dict[str, ContractSettings] = msgspec.field(default_factory=dict)
+    """Data contracts by dataset (see docs/configuration.md, "Data contracts")."""
+    connectors: dict[str, dict[str, Any]] = msgspec.field(default_factory=dict)
+    """Connectors by name: ``[connectors.<name>]`` tables holding ``kind`` and that kind's
+    options, validated by the ``connectors`` package (see docs/connectors.md).
+    ``ORCH_CONNECTORS__<NAME>__<KEY>`` overrides one option."""
     base_dir: str = "."
     """Directory relative paths are resolved against (the config file's directory)."""
 
@@ -216,6 +241,15 @@ def _apply_env(doc: dict[str, Any], env: Mapping[str, str]) -> None:
         target = doc.setdefault(section, {})
         if not isinstance(target, dict):
             raise ConfigError(f"{name}: {section!r} is not a section")
+        if section == "connectors":
+            connector, sep, option = key.partition("__")
+            if not (connector and sep and option):
+                raise ConfigError(f"{name}: expected ORCH_CONNECTORS__<NAME>__<KEY>")
+            table = target.setdefault(connector, {})
+            if not isinstance(table, dict):
+                raise ConfigError(f"{name}: connectors.{connector} is not a table")
+            table[option] = _env_value(raw)
+            continue
         value = _env_value(raw)
         field_type = _field_type(section, key)
         if field_type is tuple and isinstance(value, str):

@@ -25,12 +25,15 @@ import anyio
 import asyncpg
 from anyio.abc import TaskStatus
 
+from connectors import Connector, ConnectorError, Source, create_all, open_all
 from orchestrator.backoff import backoff_delay
 from orchestrator.config import Settings
-from orchestrator.errors import StoreError
+from orchestrator.errors import BrokerError, StoreError
 from orchestrator.health import Health, serve_health
 from orchestrator.ingest import DeadlineWatcher, FlowPlan, Ingestor
+from orchestrator.kafka import open_producer, publish_event
 from orchestrator.loading import load_pipelines, load_ruleset
+from orchestrator.outbox import OutboxRelay
 from orchestrator.pipeline import Pipeline
 from orchestrator.pipeline.scheduler import Scheduler
 from orchestrator.store import Store
@@ -64,6 +67,8 @@ class Daemon:
         self.owner = owner or daemon_id()
         self.pipelines = dict(pipelines) if pipelines is not None else load_pipelines(settings)
         self.rules = rules if rules is not None else load_ruleset(settings, self.pipelines)
+        create_all(settings.connectors, base_dir=settings.base_dir)  # a typo fails start-up
+        self.connectors: Mapping[str, Connector] = {}
         self.health = Health()
         self.health.expect("kafka", "postgres")
         self.health_port: int | None = None
@@ -128,6 +133,14 @@ class Daemon:
                     if applied:
                         log.info("applied migrations: %s", ", ".join(applied))
                 plan = FlowPlan(self.rules)
+                conns = await self._open_connectors(stack)
+                if conns is None:
+                    tg.cancel_scope.cancel()
+                    task_status.started()
+                    return
+                self.connectors = conns
+                sources = [c for c in conns.values() if isinstance(c, Source)]
+                relay = OutboxRelay(store, s, self.health)
                 scheduler = Scheduler(
                     store,
                     self.pipelines,
@@ -136,6 +149,9 @@ class Daemon:
                     self.health,
                     owner=self.owner,
                     flow=plan.any or bool(plan.correlators),
+                    connectors=conns,
+                    publish_topic=s.kafka.publish_topic,
+                    on_outbox=relay.wake,
                 )
                 deadlines = DeadlineWatcher(
                     store, plan, self.health, on_runs_created=scheduler.wake
@@ -160,7 +176,10 @@ class Daemon:
                 async def _services() -> None:
                     with services:
                         async with anyio.create_task_group() as inner:
-                            inner.start_soon(self._notifications, store, scheduler)
+                            inner.start_soon(self._notifications, store, scheduler, relay)
+                            inner.start_soon(relay.run)
+                            for source in sources:
+                                inner.start_soon(self._pump, source)
                             if plan.correlators:
                                 inner.start_soon(deadlines.run)
                             await anyio.sleep_forever()
@@ -203,7 +222,48 @@ class Daemon:
             log.info("shutdown 4/4: closing connections")
         log.info("daemon %s stopped", self.owner)
 
-    async def _notifications(self, store: Store, scheduler: Scheduler) -> None:
+    async def _open_connectors(
+        self, stack: contextlib.AsyncExitStack
+    ) -> Mapping[str, Connector] | None:
+        """Open the configured connectors (retrying while they are unreachable)."""
+        s = self.settings
+        attempt = 0
+        while not self._stop.is_set():
+            try:
+                opened: Mapping[str, Connector] = await stack.enter_async_context(
+                    open_all(s.connectors, base_dir=s.base_dir)
+                )
+            except ConnectorError as exc:
+                if not exc.retryable:
+                    raise
+                delay = backoff_delay(attempt)
+                log.warning("%s; retrying in %.1fs", exc, delay)
+                attempt += 1
+                with anyio.move_on_after(delay):
+                    await self._stop.wait()
+            else:
+                return opened
+        return None
+
+    async def _pump(self, source: Source) -> None:
+        """Publish what a source connector announces (a file watcher, ...) to Kafka."""
+        topic = self.settings.kafka.publish_topic
+        attempt = 0
+        while True:
+            try:
+                async with open_producer(self.settings) as producer:
+                    attempt = 0
+                    async for event in source.events():
+                        await publish_event(producer, topic, event, self.telemetry.tracer)
+            except BrokerError as exc:
+                delay = backoff_delay(attempt)
+                attempt += 1
+                log.warning("connector %r: %s; retrying in %.1fs", source.name, exc, delay)
+                await anyio.sleep(delay)
+            else:
+                return
+
+    async def _notifications(self, store: Store, scheduler: Scheduler, relay: OutboxRelay) -> None:
         """LISTEN for runs created and cancels requested by other daemons or the CLI."""
         dsn = self.settings.postgres_dsn()
         attempt = 0
@@ -218,9 +278,10 @@ class Daemon:
                 async with (
                     store.listen(store.runs_channel, lambda _p: scheduler.wake(), dsn) as conn,
                     store.listen(f"{store.schema}_cancel", _on_cancel, dsn) as conn2,
+                    store.listen(store.outbox_channel, lambda _p: relay.wake(), dsn) as conn3,
                 ):
                     attempt = 0
-                    for c in (conn, conn2):
+                    for c in (conn, conn2, conn3):
                         c.add_termination_listener(lambda _c, ev=closed: ev.set())
                     scheduler.wake()  # catch up on anything created while not listening
                     await closed.wait()

@@ -121,6 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     redrive.add_argument("--all", action="store_true", help="every dead letter not yet redriven")
     redrive.add_argument("--topic", help="publish to this topic instead of the original one")
 
+    conns = sub.add_parser("connectors", help="installed connector kinds and configured connectors")
+    conns.add_argument("--json", action="store_true", help="machine-readable output")
+    conns_sub = conns.add_subparsers(dest="connectors_command", metavar="ACTION")
+    conns_list = conns_sub.add_parser(
+        "list", help="kinds (built-in and plugins) and [connectors.*], checked without I/O"
+    )
+    conns_list.add_argument("--json", action="store_true")
+
     sub.add_parser("health", help="probe the running daemon's health endpoint (exit 0 if ready)")
     return parser
 

@@ -56,6 +56,7 @@ def dispatch(args: argparse.Namespace, config: str | None) -> int:
         "dead-letters": _dead_letters,
         "health": _health,
         "replay": _replay,
+        "connectors": _connectors,
     }
     return handlers[cmd](args, settings)
 
@@ -291,6 +292,29 @@ def _health(args: argparse.Namespace, settings: Settings) -> int:
     finally:
         conn.close()
     return 0 if resp.status == 200 else 1
+
+
+# -- connectors ---------------------------------------------------------------------------
+
+
+def _connectors(args: argparse.Namespace, settings: Settings) -> int:
+    """``orchestrator connectors [list]``: exit 0, or 2 when a configured section is invalid."""
+    import connectors
+
+    listing = connectors.describe(settings.connectors, base_dir=settings.base_dir)
+    if args.json:
+        print(msgspec.json.encode(listing).decode())
+        return 0 if listing.ok else 2
+    print(f"{'KIND':<15} {'ORIGIN':<25} DESCRIPTION")
+    for k in listing.kinds:
+        detail = f"cannot be loaded: {k.error}" if k.error else k.summary
+        print(f"{k.kind:<15} {k.origin:<25} {detail}")
+    print()
+    if not listing.configured:
+        print("no connectors configured ([connectors.<name>] tables)")
+    for c in listing.configured:
+        print(f"{c.name:<15} {c.kind or '?':<15} {c.error or 'ok'}")
+    return 0 if listing.ok else 2
 
 
 # -- replay -------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from orchestrator.backoff import backoff_delay
 from orchestrator.config import Settings
+from orchestrator.contracts import Contracts
 from orchestrator.errors import BrokerError, EventError, StoreError, StoreRejected
 from orchestrator.events import decode_record
 from orchestrator.health import Health
@@ -58,6 +59,7 @@ class Ingestor:
         self._store = store
         self._rules = rules
         self._plan = plan if plan is not None else FlowPlan(rules)
+        self._contracts = Contracts(settings.contracts)
         self._tel = telemetry
         self._health = health
         self._on_runs_created = on_runs_created
@@ -218,20 +220,31 @@ class Ingestor:
             span.set_attribute("orchestrator.dataset", event.data.dataset)
             tp, ts = traceparent_of(span)
             view = event_to_dict(event)
+            problem = self._contracts.check(event) if self._contracts else None
+            if problem is not None:
+                reason = f"contract {event.data.dataset}: {problem}"
+                span.set_status(Status(StatusCode.ERROR, reason))
+                span.set_attribute("orchestrator.contract_error", problem)
+                dead.append(_dead_letter(rec, headers, reason))
+                log.warning(
+                    "quarantined %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, reason
+                )
             requests = tuple(
                 RunRequest(
                     rule=rule.name,
                     pipeline=rule.pipeline,
                     trigger_key=f"event:{event.source}#{event.id}",
                     priority=rule.priority,
-                    params=render_params(rule.params, view) if rule.params else {},
+                    params=_params(rule.params, view, problem),
                     flow_key=key_of(rule, view) if rule.name in self._plan.specs else None,
                 )
                 for rule in self._rules.match(view)
+                if problem is None or rule.contract == "flag"
             )
             correlations = tuple(
                 (corr.rule.name, key, tuple(conditions))
                 for corr, key, conditions in self._rules.correlate(view)
+                if problem is None or corr.rule.contract == "flag"
             )
             events.append(
                 IncomingEvent(
@@ -245,6 +258,7 @@ class Ingestor:
                     tracestate=ts,
                     runs=requests,
                     correlations=correlations,
+                    contract_error=problem,
                 )
             )
         try:
@@ -370,6 +384,15 @@ class Ingestor:
             hw = consumer.highwater(tp)
             if hw is not None and recs:
                 inst.set_lag(tp.topic, tp.partition, max(0, hw - recs[-1].offset - 1))
+
+
+def _params(
+    template: dict[str, Any], view: dict[str, Any], contract_error: str | None
+) -> dict[str, Any]:
+    params = render_params(template, view) if template else {}
+    if contract_error is not None:
+        params["contract_error"] = contract_error
+    return params
 
 
 def _timestamp(rec: ConsumerRecord) -> datetime | None:

@@ -24,7 +24,7 @@ from anyio.abc import TaskStatus
 from orchestrator.backoff import backoff_delay
 from orchestrator.errors import StoreError
 from orchestrator.health import Health
-from orchestrator.store import AttemptWrite, RunFinish, Store
+from orchestrator.store import AttemptWrite, OutboxWrite, RunFinish, Store
 
 __all__ = ["OutcomeWriter"]
 
@@ -45,11 +45,14 @@ class OutcomeWriter:
         health: Health,
         *,
         on_lost: Callable[[int], None] = lambda _run_id: None,
+        on_outbox: Callable[[], None] = lambda: None,
     ) -> None:
         self._store = store
         self._owner = owner
         self._health = health
         self._on_lost = on_lost
+        self._on_outbox = on_outbox
+        self._outbox: list[OutboxWrite] = []
         self._attempts: dict[tuple[int, str, int], AttemptWrite] = {}
         self._finishes: dict[int, tuple[RunFinish, _Waiter]] = {}
         self._releases: dict[int, _Waiter] = {}
@@ -59,6 +62,11 @@ class OutcomeWriter:
     def add_attempt(self, attempt: AttemptWrite) -> None:
         """Queue an attempt's row; a later row for the same attempt replaces it."""
         self._attempts[(attempt.run_id, attempt.step, attempt.attempt)] = attempt
+        self._pending.set()
+
+    def add_outbox(self, event: OutboxWrite) -> None:
+        """Queue an event for the outbox, written with the attempt queued before it."""
+        self._outbox.append(event)
         self._pending.set()
 
     async def finish(self, outcome: RunFinish) -> bool:
@@ -79,7 +87,7 @@ class OutcomeWriter:
 
     @property
     def idle(self) -> bool:
-        return not (self._attempts or self._finishes or self._releases)
+        return not (self._attempts or self._finishes or self._releases or self._outbox)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -94,7 +102,8 @@ class OutcomeWriter:
         attempts, self._attempts = self._attempts, {}
         finishes, self._finishes = self._finishes, {}
         releases, self._releases = self._releases, {}
-        if not (attempts or finishes or releases):
+        outbox, self._outbox = self._outbox, []
+        if not (attempts or finishes or releases or outbox):
             return
         retry = 0
         while True:
@@ -104,6 +113,7 @@ class OutcomeWriter:
                     list(attempts.values()),
                     [f for f, _ in finishes.values()],
                     list(releases),
+                    outbox,
                 )
                 break
             except StoreError as exc:
@@ -111,6 +121,8 @@ class OutcomeWriter:
                 await anyio.sleep(backoff_delay(retry))
                 retry += 1
         self.flushes += 1
+        if outbox:
+            self._on_outbox()
         for run_id in lost:
             self._on_lost(run_id)
         for run_id, (_, waiter) in finishes.items():

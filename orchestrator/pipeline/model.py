@@ -69,6 +69,8 @@ class Step:
     """Called before the first attempt; a true result skips the step."""
     skip_inputs: tuple[str, ...] = ()
     """Parameters of ``skip_if`` after the context; each receives the output it names."""
+    produces: str | None = None
+    """Dataset this step produces: on success an arrival event for it is published."""
 
 
 def _empty() -> Mapping[str, Any]:
@@ -166,6 +168,7 @@ class Pipeline:
         map_over: str | StepFunction | None = None,
         concurrency: int | None = None,
         skip_if: SkipCondition | None = None,
+        produces: str | None = None,
     ) -> Callable[[F], F]: ...
 
     def step(
@@ -179,6 +182,7 @@ class Pipeline:
         map_over: str | StepFunction | None = None,
         concurrency: int | None = None,
         skip_if: SkipCondition | None = None,
+        produces: str | None = None,
     ) -> F | Callable[[F], F]:
         """Declare a step; use as ``@pipeline.step`` or ``@pipeline.step(...)``.
 
@@ -190,7 +194,9 @@ class Pipeline:
         then takes one item after the context and runs once per item, at most
         ``concurrency`` (default :data:`DEFAULT_MAP_CONCURRENCY`) at once; its output is the
         list of item outputs. ``skip_if`` is a plain function of the context (and of upstream
-        outputs, by parameter name) whose true result skips the step. The function is
+        outputs, by parameter name) whose true result skips the step. ``produces`` names
+        the dataset the step produces: when it succeeds, an arrival event for that dataset
+        is published through the outbox (see ``docs/pipelines.md``). The function is
         returned unchanged.
         """
 
@@ -204,6 +210,7 @@ class Pipeline:
                 map_over=map_over,
                 concurrency=concurrency,
                 skip_if=skip_if,
+                produces=produces,
             )
             return f
 
@@ -233,6 +240,7 @@ class Pipeline:
         map_over: str | StepFunction | None,
         concurrency: int | None,
         skip_if: SkipCondition | None,
+        produces: str | None = None,
     ) -> None:
         step_name = name if name is not None else getattr(fn, "__name__", None)
         where = self._where(step_name)
@@ -288,6 +296,7 @@ class Pipeline:
             concurrency=_concurrency(concurrency, where) if source else None,
             skip_if=skip_if,
             skip_inputs=skip_inputs,
+            produces=_dataset(produces, where),
         )
         self._steps[step_name] = step
         self._names_by_fn[fn] = None if fn in self._names_by_fn else step_name
@@ -513,3 +522,11 @@ def _topological_order(pipeline: str, steps: Mapping[str, Step]) -> tuple[str, .
                 on_path.add(dep)
                 stack.append(iter(steps[dep].depends_on))
     return tuple(order)
+
+
+def _dataset(produces: str | None, where: str) -> str | None:
+    if produces is None:
+        return None
+    if not isinstance(produces, str) or not produces.strip():
+        raise PipelineError(f"{where}: produces= expects a dataset name, got {produces!r}")
+    return produces

@@ -13,7 +13,7 @@ expired leases.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -25,10 +25,11 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from orchestrator.backoff import backoff_delay
 from orchestrator.config import RunnerSettings
-from orchestrator.errors import LeaseLost, StoreError
+from orchestrator.errors import LeaseLost, PipelineError, StoreError
 from orchestrator.health import Health
 from orchestrator.pipeline.group_commit import OutcomeWriter
 from orchestrator.pipeline.model import Pipeline
+from orchestrator.pipeline.produced import produced_event
 from orchestrator.pipeline.records import RunOutcome, RunSpec, StepRecord
 from orchestrator.pipeline.retry import RetryPolicy
 from orchestrator.pipeline.runner import Runner
@@ -85,8 +86,17 @@ class _StoreRecorder:
                 error=record.error,
                 started_at=record.started_at,
                 finished_at=record.finished_at,
+                skipped=record.skipped,
             )
         )
+        if record.status == "succeeded" and not record.skipped:
+            inflight = self._s._inflight.get(record.run_id)
+            pipeline = self._s._pipelines.get(inflight.run.pipeline) if inflight else None
+            step = pipeline.steps.get(record.step) if pipeline else None
+            if inflight is not None and step is not None and step.produces:
+                self._s.writer.add_outbox(
+                    produced_event(inflight.run, record, step.produces, self._s.publish_topic)
+                )
 
 
 class Scheduler:
@@ -103,6 +113,8 @@ class Scheduler:
         owner: str,
         connectors: Mapping[str, Any] | None = None,
         flow: bool = False,
+        publish_topic: str = "arrivals",
+        on_outbox: Callable[[], None] = lambda: None,
     ) -> None:
         self._store = store
         self._pipelines = pipelines
@@ -117,7 +129,8 @@ class Scheduler:
         self._claiming = True
         self._idle = anyio.Event()
         self._idle.set()
-        self.writer = OutcomeWriter(store, owner, health, on_lost=self._lost)
+        self.publish_topic = publish_topic
+        self.writer = OutcomeWriter(store, owner, health, on_lost=self._lost, on_outbox=on_outbox)
         self._runner = Runner(
             _StoreRecorder(self),
             tracer=telemetry.tracer,
@@ -323,6 +336,12 @@ class Scheduler:
             )
             outcome: RunOutcome | None = None
             with inflight.scope:
+                try:
+                    pipeline.validate()
+                except PipelineError as exc:
+                    span.set_status(Status(StatusCode.ERROR, str(exc)))
+                    await self._finish(run, "failed", None, str(exc))
+                    return
                 outcome = await self._runner.execute(
                     spec,
                     cancel_status=lambda: (

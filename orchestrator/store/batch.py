@@ -57,10 +57,10 @@ class FlowSpec(msgspec.Struct, frozen=True, kw_only=True):
 _INSERT_EVENTS = """
 INSERT INTO events (source, event_id, type, subject, event_time, dataset, partition_key,
                     envelope, topic, kafka_partition, kafka_offset, published_at,
-                    traceparent, tracestate)
+                    traceparent, tracestate, contract_error)
 SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
                      $6::text[], $7::text[], $8::jsonb[], $9::text[], $10::int[],
-                     $11::bigint[], $12::timestamptz[], $13::text[], $14::text[])
+                     $11::bigint[], $12::timestamptz[], $13::text[], $14::text[], $15::text[])
 ON CONFLICT (source, event_id) DO NOTHING
 RETURNING id, source, event_id
 """
@@ -128,7 +128,7 @@ class IngestTx:
         """Insert events; returns the primary keys of the ones that were new."""
         if not events:
             return {}
-        cols: list[list[Any]] = [[] for _ in range(14)]
+        cols: list[list[Any]] = [[] for _ in range(15)]
         for e in events:
             ev = e.event
             row = (
@@ -146,6 +146,7 @@ class IngestTx:
                 e.published_at,
                 e.traceparent,
                 e.tracestate,
+                e.contract_error,
             )
             for col, v in zip(cols, row, strict=True):
                 col.append(v)

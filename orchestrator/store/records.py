@@ -16,6 +16,8 @@ __all__ = [
     "DeadLetterRow",
     "IncomingEvent",
     "IngestResult",
+    "OutboxRow",
+    "OutboxWrite",
     "RunFinish",
     "RunRequest",
     "RunRow",
@@ -55,6 +57,8 @@ class IncomingEvent(msgspec.Struct, frozen=True, kw_only=True):
     """Runs of simple rules this event matched."""
     correlations: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
     """(rule, key, conditions) for each correlated rule this event contributes to."""
+    contract_error: str | None = None
+    """Why the event breaks its dataset's data contract (it is then quarantined)."""
 
 
 class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
@@ -157,6 +161,27 @@ class AttemptWrite(msgspec.Struct, frozen=True, kw_only=True):
     error: str | None = None
     started_at: datetime
     finished_at: datetime | None = None
+    skipped: bool = False
+
+
+class OutboxWrite(msgspec.Struct, frozen=True, kw_only=True):
+    """An event to publish once the attempt that produced it is recorded."""
+
+    event_id: str
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, str]]
+    run_id: int
+    step: str
+
+
+class OutboxRow(msgspec.Struct, frozen=True, kw_only=True):
+    id: int
+    topic: str
+    key: bytes | None
+    value: bytes
+    headers: list[tuple[str, str]]
 
 
 class RunFinish(msgspec.Struct, frozen=True, kw_only=True):

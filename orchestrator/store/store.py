@@ -26,6 +26,8 @@ from orchestrator.store.records import (
     DeadLetterRow,
     IncomingEvent,
     IngestResult,
+    OutboxRow,
+    OutboxWrite,
     RunFinish,
     RunRequest,
     RunRow,
@@ -91,17 +93,26 @@ RETURNING {_CLAIMED}
 
 _RECORD_ATTEMPTS = """
 INSERT INTO step_attempts (run_id, step, attempt, status, output, error, owner, started_at,
-                           finished_at)
-SELECT u.run_id, u.step, u.attempt, u.status, u.output, u.error, $9, u.started_at,
-       u.finished_at
+                           finished_at, skipped)
+SELECT u.run_id, u.step, u.attempt, u.status, u.output, u.error, $10, u.started_at,
+       u.finished_at, u.skipped
 FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::jsonb[], $6::text[],
-            $7::timestamptz[], $8::timestamptz[])
-     AS u(run_id, step, attempt, status, output, error, started_at, finished_at)
-JOIN runs r ON r.id = u.run_id AND r.lease_owner = $9
+            $7::timestamptz[], $8::timestamptz[], $9::bool[])
+     AS u(run_id, step, attempt, status, output, error, started_at, finished_at, skipped)
+JOIN runs r ON r.id = u.run_id AND r.lease_owner = $10
 ON CONFLICT (run_id, step, attempt) DO UPDATE
 SET status = excluded.status, output = excluded.output, error = excluded.error,
-    owner = excluded.owner, finished_at = excluded.finished_at
+    owner = excluded.owner, finished_at = excluded.finished_at, skipped = excluded.skipped
 RETURNING run_id
+"""
+
+_INSERT_OUTBOX = """
+INSERT INTO outbox (event_id, topic, key, value, headers, run_id, step)
+SELECT u.event_id, u.topic, u.key, u.value, u.headers, u.run_id, u.step
+FROM unnest($1::text[], $2::text[], $3::bytea[], $4::bytea[], $5::jsonb[], $6::bigint[],
+            $7::text[]) AS u(event_id, topic, key, value, headers, run_id, step)
+JOIN runs r ON r.id = u.run_id AND r.lease_owner = $8
+ON CONFLICT (event_id) DO NOTHING
 """
 
 _FINISH_RUNS = """
@@ -152,6 +163,7 @@ class Store:
         self.pool = pool
         self.schema = schema
         self.runs_channel = f"{schema}_runs"
+        self.outbox_channel = f"{schema}_outbox"
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -389,6 +401,7 @@ class Store:
         attempts: Sequence[AttemptWrite],
         finishes: Sequence[RunFinish],
         releases: Sequence[int] = (),
+        outbox: Sequence[OutboxWrite] = (),
     ) -> tuple[set[int], set[int]]:
         """Write step attempts and run outcomes of many runs in one transaction.
 
@@ -400,7 +413,7 @@ class Store:
         finished: set[int] = set()
         async with acquire(self.pool, "record outcomes") as conn, conn.transaction():
             if attempts:
-                cols: list[list[Any]] = [[] for _ in range(8)]
+                cols: list[list[Any]] = [[] for _ in range(9)]
                 for a in attempts:
                     row = (
                         a.run_id,
@@ -411,12 +424,26 @@ class Store:
                         a.error,
                         a.started_at,
                         a.finished_at,
+                        a.skipped,
                     )
                     for col, v in zip(cols, row, strict=True):
                         col.append(v)
                 rows = await conn.fetch(_RECORD_ATTEMPTS, *cols, owner)
                 written = {r["run_id"] for r in rows}
                 lost = {a.run_id for a in attempts} - written
+            if outbox:
+                await conn.execute(
+                    _INSERT_OUTBOX,
+                    [o.event_id for o in outbox],
+                    [o.topic for o in outbox],
+                    [o.key for o in outbox],
+                    [o.value for o in outbox],
+                    [_json.encode(o.headers) for o in outbox],
+                    [o.run_id for o in outbox],
+                    [o.step for o in outbox],
+                    owner,
+                )
+                await conn.execute("SELECT pg_notify($1, '')", self.outbox_channel)
             if finishes:
                 rows = await conn.fetch(
                     _FINISH_RUNS,
@@ -596,6 +623,36 @@ class Store:
             await conn.execute(
                 "UPDATE dead_letters SET redriven_at = now() WHERE id = $1", dead_letter_id
             )
+
+    # -- outbox ---------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def outbox_batch(self, limit: int) -> AsyncIterator[list[OutboxRow]]:
+        """Lock up to ``limit`` unpublished outbox rows for the block; they are marked
+        published when the block ends without an error (rolled back otherwise)."""
+        async with acquire(self.pool, "publish outbox") as conn, conn.transaction():
+            rows = await conn.fetch(
+                """SELECT id, topic, key, value, headers FROM outbox
+                   WHERE published_at IS NULL ORDER BY id LIMIT $1
+                   FOR UPDATE SKIP LOCKED""",
+                limit,
+            )
+            batch = [
+                OutboxRow(
+                    id=r["id"],
+                    topic=r["topic"],
+                    key=None if r["key"] is None else bytes(r["key"]),
+                    value=bytes(r["value"]),
+                    headers=[tuple(h) for h in msgspec.json.decode(r["headers"])],
+                )
+                for r in rows
+            ]
+            yield batch
+            if batch:
+                await conn.execute(
+                    "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])",
+                    [b.id for b in batch],
+                )
 
     # -- replay ---------------------------------------------------------------------------
 

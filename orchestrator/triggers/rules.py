@@ -16,7 +16,7 @@ to both kinds. :mod:`.validation` checks what the field types cannot.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import msgspec
 
@@ -110,6 +110,9 @@ class Rule(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True
     on_overlap: str = "queue"
     """``queue``, ``skip`` or ``cancel_running``: what a new run does while one of the same
     rule and key is pending or running. Default ``queue``."""
+    contract: Literal["block", "flag"] = "block"
+    """What an event that breaks its dataset's data contract does for this rule: ``block``
+    (default) starts nothing; ``flag`` starts the run with ``contract_error`` in its params."""
 
     @property
     def correlated(self) -> bool:

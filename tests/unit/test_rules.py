@@ -466,7 +466,7 @@ match = { type = ["t"] }
         '{ equals-ignore-case = "..." }, got number 5',
         "rules.toml: rule #2 field 'colour': unknown key 'colour'; known keys: name, pipeline, "
         "match, priority, params, description, enabled, key, on, all_of, any_of, n_of, "
-        "sequence, within, expect, debounce, batch, concurrency, on_overlap",
+        "sequence, within, expect, debounce, batch, concurrency, on_overlap, contract",
         "rules.toml: rule #2 field 'name': missing required key 'name'",
         "rules.toml: rule #2 field 'pipeline': unknown pipeline 'nope'; known pipelines: "
         "publish, rollup",
