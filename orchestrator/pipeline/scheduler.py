@@ -123,6 +123,11 @@ class Scheduler:
         self._health = health
         self.owner = owner
         self._flow = flow
+        self._pipeline_limits = {
+            name: p.max_concurrent_runs
+            for name, p in pipelines.items()
+            if p.max_concurrent_runs is not None
+        }
         self._connectors = connectors or {}
         self._inflight: dict[int, _InFlight] = {}
         self._wake = anyio.Event()
@@ -205,7 +210,11 @@ class Scheduler:
             if free > 0:
                 try:
                     claimed = await self._store.claim_runs(
-                        self.owner, free, self._settings.lease_seconds, flow=self._flow
+                        self.owner,
+                        free,
+                        self._settings.lease_seconds,
+                        flow=self._flow,
+                        pipeline_limits=self._pipeline_limits,
                     )
                     if self._flow and len(claimed) < free:
                         wait = await self._until_due(wait)

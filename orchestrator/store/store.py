@@ -7,7 +7,7 @@ taken from the pool inside the method and never shared across calls.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -49,7 +49,7 @@ _CLAIMED = """r.id, r.rule, r.pipeline, r.params, r.event_ids, r.first_event_at,
 _CLAIM = f"""
 WITH c AS (
     SELECT id FROM runs
-    WHERE status = 'pending' AND flow_key IS NULL
+    WHERE status = 'pending' AND flow_key IS NULL AND pipeline <> ALL($4::text[])
     ORDER BY priority DESC, id
     LIMIT $2
     FOR UPDATE SKIP LOCKED
@@ -62,23 +62,36 @@ FROM c WHERE r.id = c.id
 RETURNING {_CLAIMED}
 """
 
-# Runs under flow control: due (not_before passed) and within their (rule, key)
-# concurrency. Daemons take these one claim at a time (an advisory lock), so two daemons
-# cannot both start the last allowed run of a key.
+# Runs under flow control or a pipeline-wide limit: due (not_before passed), within their
+# (rule, key) concurrency and their pipeline's max_concurrent_runs. Daemons take these one
+# claim at a time (an advisory lock), so two daemons cannot both start the last allowed run.
 _CLAIM_FLOW = f"""
-WITH running AS (
+WITH limits AS (
+    SELECT * FROM unnest($4::text[], $5::int[]) AS l(pipeline, lim)
+), running AS (
     SELECT rule, flow_key, count(*) AS n FROM runs
     WHERE status = 'running' AND flow_key IS NOT NULL
     GROUP BY rule, flow_key
+), pipeline_running AS (
+    SELECT r.pipeline, count(*) AS n FROM runs r JOIN limits l ON l.pipeline = r.pipeline
+    WHERE r.status = 'running'
+    GROUP BY r.pipeline
 ), cand AS (
     SELECT r.id, r.concurrency, coalesce(x.n, 0) AS n,
-           row_number() OVER (PARTITION BY r.rule, r.flow_key ORDER BY r.id) AS rn
-    FROM runs r LEFT JOIN running x ON x.rule = r.rule AND x.flow_key = r.flow_key
-    WHERE r.status = 'pending' AND r.flow_key IS NOT NULL
+           row_number() OVER (PARTITION BY r.rule, r.flow_key ORDER BY r.id) AS rn,
+           l.lim, coalesce(p.n, 0) AS pn,
+           row_number() OVER (PARTITION BY r.pipeline ORDER BY r.priority DESC, r.id) AS prn
+    FROM runs r
+    LEFT JOIN running x ON x.rule = r.rule AND x.flow_key = r.flow_key
+    LEFT JOIN limits l ON l.pipeline = r.pipeline
+    LEFT JOIN pipeline_running p ON p.pipeline = r.pipeline
+    WHERE r.status = 'pending' AND (r.flow_key IS NOT NULL OR l.lim IS NOT NULL)
       AND (r.not_before IS NULL OR r.not_before <= now())
 ), c AS (
     SELECT id FROM runs
-    WHERE id IN (SELECT id FROM cand WHERE concurrency IS NULL OR rn + n <= concurrency)
+    WHERE id IN (SELECT id FROM cand
+                 WHERE (concurrency IS NULL OR rn + n <= concurrency)
+                   AND (lim IS NULL OR prn + pn <= lim))
     ORDER BY priority DESC, id
     LIMIT $2
     FOR UPDATE SKIP LOCKED
@@ -239,25 +252,34 @@ class Store:
     # -- run execution --------------------------------------------------------------------
 
     async def claim_runs(
-        self, owner: str, limit: int, lease_seconds: float, *, flow: bool = False
+        self,
+        owner: str,
+        limit: int,
+        lease_seconds: float,
+        *,
+        flow: bool = False,
+        pipeline_limits: Mapping[str, int] | None = None,
     ) -> list[ClaimedRun]:
         """Claim up to ``limit`` runnable runs for ``owner`` with a lease.
 
         ``flow``: also claim runs under flow control (debounce, batch, concurrency), which
         costs a serialised query; daemons whose rules use none skip it.
+        ``pipeline_limits``: pipelines whose running runs are capped across all daemons.
         """
         if limit <= 0:
             return []
+        limits = dict(pipeline_limits or {})
+        names, caps = list(limits), list(limits.values())
         rows: list[asyncpg.Record] = []
         async with acquire(self.pool, "claim runs") as conn:
-            if flow:
+            if flow or limits:
                 async with conn.transaction():
                     await conn.execute(
                         "SELECT pg_advisory_xact_lock(hashtext($1))", f"{self.schema}.flow"
                     )
-                    rows += await conn.fetch(_CLAIM_FLOW, owner, limit, lease_seconds)
+                    rows += await conn.fetch(_CLAIM_FLOW, owner, limit, lease_seconds, names, caps)
             if len(rows) < limit:
-                rows += await conn.fetch(_CLAIM, owner, limit - len(rows), lease_seconds)
+                rows += await conn.fetch(_CLAIM, owner, limit - len(rows), lease_seconds, names)
         out = []
         for r in rows:
             fields = dict(r)

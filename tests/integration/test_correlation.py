@@ -274,3 +274,36 @@ async def test_replay_dry_run_then_create(
     )
     assert "0 runs created, 3 already existed" in again.stdout
     assert len(await runs(pg_dsn, pg_schema.name)) == 3
+
+
+async def test_pipeline_max_concurrent_runs_caps_running_runs(
+    kafka_bootstrap: str, topic: str, pg_dsn: str, pg_schema: PgSchema
+) -> None:
+    hold = anyio.Event()
+    started: list[int] = []
+    p = Pipeline("capped", max_concurrent_runs=1)
+
+    @p.step()
+    async def work(ctx: StepContext) -> None:
+        started.append(ctx.run_id)
+        await hold.wait()
+
+    rules = RuleSet.build([Rule(name="r", pipeline="capped", match={"data": {"dataset": ["x"]}})])
+    settings = make_settings(kafka_bootstrap, topic, pg_dsn, pg_schema.name)
+    async with running_daemon(settings, {"capped": p}, rules, Traced()):
+        await send(kafka_bootstrap, topic, *[new_arrival("x", partition=str(i)) for i in range(3)])
+
+        async def one_running_two_waiting() -> bool:
+            rows = await runs(pg_dsn, pg_schema.name)
+            return sorted(r["status"] for r in rows) == ["pending", "pending", "running"]
+
+        await wait_for(one_running_two_waiting, what="one run running, two held back")
+        assert len(started) == 1
+        hold.set()
+
+        async def done() -> bool:
+            rows = await runs(pg_dsn, pg_schema.name)
+            return len(rows) == 3 and all(r["status"] == "succeeded" for r in rows)
+
+        await wait_for(done, what="all three runs, one after another")
+    assert len(started) == 3
