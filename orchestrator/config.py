@@ -54,6 +54,9 @@ class KafkaSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=T
     """Most records taken by one ``getmany`` and written in one Postgres transaction."""
     fetch_timeout_ms: int = 1000
     """How long one ``getmany`` waits when no record is available (the idle tick)."""
+    fetch_max_wait_ms: int = 10
+    """Longest a fetch waits at the broker for data. Low values keep the arrival-to-step
+    latency in milliseconds on brokers that answer a fetch only when it expires."""
     max_record_bytes: int = 1_048_576
     """Records larger than this are dead-lettered without decoding."""
     publish_topic: str = "arrivals"

@@ -93,6 +93,7 @@ class Ingestor:
             max_partition_fetch_bytes=max(k.max_record_bytes + 1024, 1_048_576),
             fetch_max_bytes=max(k.max_record_bytes * 2, 52_428_800),
             metadata_max_age_ms=30_000,
+            fetch_max_wait_ms=k.fetch_max_wait_ms,
         )
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:

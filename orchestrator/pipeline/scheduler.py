@@ -382,7 +382,8 @@ class Scheduler:
         if held:
             self.completed += 1
             self._tel.instruments.runs.add(1, {"status": status, "pipeline": run.pipeline})
-            log.info(
+            log.log(
+                logging.INFO if status != "succeeded" else logging.DEBUG,
                 "run %d %s (%s)%s",
                 run.id,
                 status,
