@@ -143,5 +143,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OrchestratorError as exc:
         print(f"orchestrator: error: {exc}", file=sys.stderr)
         return 2
+    except BaseExceptionGroup as group:
+        # A configuration problem found by a service the daemon started (a connector that
+        # refuses its options, ...): report it like any other, without a task-group trace.
+        errors = _leaves(group.subgroup(OrchestratorError))
+        if not errors:
+            raise
+        for error in errors:
+            print(f"orchestrator: error: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _leaves(group: BaseExceptionGroup[BaseException] | None) -> list[BaseException]:
+    if group is None:
+        return []
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return out

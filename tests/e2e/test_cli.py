@@ -11,7 +11,7 @@ import anyio
 import msgspec
 import pytest
 
-from orchestrator.cli.dev import to_toml
+from orchestrator.cli.dev import _absolute, to_toml
 from orchestrator.config import load
 from tests.conftest import PgSchema
 from tests.support.helpers import wait_for
@@ -59,6 +59,10 @@ def example_config(tmp_path: Path, bootstrap: str, topic: str, dsn: str, schema:
         pipelines=msgspec.structs.replace(base.pipelines, paths=(str(EXAMPLES),)),
         health=msgspec.structs.replace(base.health, port=0),
     )
+    connectors = {name: dict(opts) for name, opts in _absolute(base).connectors.items()}
+    connectors["warehouse"]["dsn"] = dsn
+    connectors["hooks"]["base_url"] = "http://127.0.0.1:9"
+    settings = msgspec.structs.replace(settings, connectors=connectors)
     path = tmp_path / "orchestrator.toml"
     path.write_text(to_toml(settings))
     return path
@@ -118,7 +122,7 @@ async def test_migrate_run_publish_inspect_and_stop(
 def test_rules_check_names_file_rule_and_field(tmp_path: Path) -> None:
     ok = cli(None, "rules", "check", str(EXAMPLES / "rules.toml"))
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    assert "ok: 2 rule(s)" in ok.stdout
+    assert "ok: 5 rule(s)" in ok.stdout
     bad = tmp_path / "bad.toml"
     bad.write_text(
         '[[rule]]\nname = "daily"\npipeline = "orders"\n'
@@ -157,6 +161,21 @@ def test_rules_explain_says_which_rule_matches(tmp_path: Path) -> None:
     lines = result.stdout.splitlines()
     assert any(line.startswith("MATCH") and "orders-arrived" in line for line in lines)
     assert any(line.startswith("no match") and "big-customer-drop" in line for line in lines)
+
+
+async def test_bad_connector_option_stops_the_daemon_with_a_clear_error(
+    kafka_bootstrap: str, topic: str, pg_dsn: str, pg_schema: PgSchema, tmp_path: Path
+) -> None:
+    config = tmp_path / "orchestrator.toml"
+    config.write_text(
+        f'[kafka]\nbootstrap_servers = "{kafka_bootstrap}"\ntopics = ["{topic}"]\n'
+        f'[postgres]\ndsn = "{pg_dsn}"\nschema = "{pg_schema.name}"\n'
+        '[connectors.out]\nkind = "files"\nroot = "absent-dir"\n'
+    )
+    result = await run_cli(config, "run", "--migrate")
+    assert result.returncode == 2
+    assert "connectors.out.root" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_unknown_config_key_is_rejected_by_name(tmp_path: Path) -> None:
