@@ -8,7 +8,7 @@ correlation state) are made by the caller.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any, Literal
 
@@ -17,9 +17,14 @@ import msgspec
 
 from orchestrator.store.records import DeadLetter, IncomingEvent
 
-__all__ = ["FlowSpec", "IngestTx", "NewRun"]
+__all__ = ["FlowSpec", "IngestTx", "NewRun", "columns"]
 
 _json = msgspec.json.Encoder()
+
+
+def columns(rows: Iterable[tuple[Any, ...]]) -> list[list[Any]]:
+    """Rows to the per-column lists that ``unnest($1::type[], $2::type[], ...)`` takes."""
+    return [list(column) for column in zip(*rows, strict=True)]
 
 
 class NewRun(msgspec.Struct, frozen=True, kw_only=True):
@@ -108,9 +113,8 @@ class IngestTx:
     async def insert_dead(self, dead: Sequence[DeadLetter]) -> None:
         if not dead:
             return
-        cols: list[list[Any]] = [[] for _ in range(8)]
-        for d in dead:
-            row = (
+        cols = columns(
+            (
                 d.topic,
                 d.partition,
                 d.offset,
@@ -120,25 +124,23 @@ class IngestTx:
                 _json.encode(d.headers),
                 d.reason,
             )
-            for col, v in zip(cols, row, strict=True):
-                col.append(v)
+            for d in dead
+        )
         await self._conn.execute(_INSERT_DEAD, *cols)
 
     async def insert_events(self, events: Sequence[IncomingEvent]) -> dict[tuple[str, str], int]:
         """Insert events; returns the primary keys of the ones that were new."""
         if not events:
             return {}
-        cols: list[list[Any]] = [[] for _ in range(15)]
-        for e in events:
-            ev = e.event
-            row = (
-                ev.source,
-                ev.id,
-                ev.type,
-                ev.subject,
-                ev.time,
-                ev.data.dataset,
-                ev.data.partition,
+        cols = columns(
+            (
+                e.event.source,
+                e.event.id,
+                e.event.type,
+                e.event.subject,
+                e.event.time,
+                e.event.data.dataset,
+                e.event.data.partition,
                 e.envelope,
                 e.topic,
                 e.partition,
@@ -148,8 +150,8 @@ class IngestTx:
                 e.tracestate,
                 e.contract_error,
             )
-            for col, v in zip(cols, row, strict=True):
-                col.append(v)
+            for e in events
+        )
         rows = await self._conn.fetch(_INSERT_EVENTS, *cols)
         return {(r["source"], r["event_id"]): r["id"] for r in rows}
 
@@ -157,9 +159,8 @@ class IngestTx:
         """Bulk-create single-event runs without flow control."""
         if not runs:
             return []
-        cols: list[list[Any]] = [[] for _ in range(9)]
-        for r in runs:
-            row = (
+        cols = columns(
+            (
                 r.rule,
                 r.trigger_key,
                 r.pipeline,
@@ -170,8 +171,8 @@ class IngestTx:
                 r.traceparent,
                 r.tracestate,
             )
-            for col, v in zip(cols, row, strict=True):
-                col.append(v)
+            for r in runs
+        )
         ids = [r["id"] for r in await self._conn.fetch(_INSERT_RUNS, *cols)]
         self.created += ids
         return ids

@@ -16,7 +16,7 @@ import msgspec
 
 from orchestrator.errors import LeaseLost
 from orchestrator.events import CloudEvent
-from orchestrator.store.batch import IngestTx, NewRun
+from orchestrator.store.batch import IngestTx, NewRun, columns
 from orchestrator.store.connection import acquire, create_pool, translate_errors
 from orchestrator.store.migrate import migrate
 from orchestrator.store.records import (
@@ -435,9 +435,8 @@ class Store:
         finished: set[int] = set()
         async with acquire(self.pool, "record outcomes") as conn, conn.transaction():
             if attempts:
-                cols: list[list[Any]] = [[] for _ in range(9)]
-                for a in attempts:
-                    row = (
+                cols = columns(
+                    (
                         a.run_id,
                         a.step,
                         a.attempt,
@@ -448,8 +447,8 @@ class Store:
                         a.finished_at,
                         a.skipped,
                     )
-                    for col, v in zip(cols, row, strict=True):
-                        col.append(v)
+                    for a in attempts
+                )
                 rows = await conn.fetch(_RECORD_ATTEMPTS, *cols, owner)
                 written = {r["run_id"] for r in rows}
                 lost = {a.run_id for a in attempts} - written
