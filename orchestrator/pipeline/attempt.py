@@ -23,6 +23,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from orchestrator.errors import NonRetryableError
+from orchestrator.events import Arrival
 from orchestrator.pipeline.context import StepContext
 from orchestrator.pipeline.model import Step
 from orchestrator.pipeline.records import RunSpec, StepRecord, StepStatus
@@ -227,7 +228,13 @@ class Attempts:
                 span.set_attribute(ATTR_STATUS, "succeeded")
                 result = Succeeded(value, output)
                 record = self.record(
-                    label, attempt, "succeeded", started_at, output=output, skipped=skipped
+                    label,
+                    attempt,
+                    "succeeded",
+                    started_at,
+                    output=output,
+                    skipped=skipped,
+                    emitted=tuple(ctx.emitted),
                 )
         self.observe(step.name, record.status, t0)
         await self.finished(record)
@@ -255,6 +262,7 @@ class Attempts:
         output: bytes | None = None,
         error: str | None = None,
         skipped: bool = False,
+        emitted: tuple[Arrival, ...] = (),
     ) -> StepRecord:
         return StepRecord(
             run_id=self.spec.run_id,
@@ -266,6 +274,7 @@ class Attempts:
             started_at=started_at,
             finished_at=self.runner.clock(),
             skipped=skipped,
+            emitted=emitted,
         )
 
     async def finished(self, record: StepRecord) -> None:

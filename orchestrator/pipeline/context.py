@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 from opentelemetry import trace
 
 from orchestrator.errors import PipelineError
-from orchestrator.events import CloudEvent
+from orchestrator.events import Arrival, CloudEvent
 
 __all__ = ["StepContext"]
 
@@ -43,6 +43,34 @@ class StepContext:
     """Connectors configured for the daemon, by name."""
     map_index: int | None = None
     """The item's index in the mapped list, for an item of a mapped step; else ``None``."""
+    emitted: list[Arrival] = field(default_factory=list)
+    """Arrivals announced with :meth:`emit` during this attempt."""
+
+    def emit(
+        self,
+        dataset: str,
+        *,
+        partition: str | None = None,
+        uri: str | None = None,
+        rows: int | None = None,
+        size: int | None = None,
+        attributes: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Announce that this step produced data. The arrival event is published (through
+        the outbox) if and only if this attempt's success is recorded; an attempt that
+        fails or is cancelled announces nothing."""
+        if not isinstance(dataset, str) or not dataset:
+            raise PipelineError(f"emit: expected a dataset name, got {dataset!r}")
+        self.emitted.append(
+            Arrival(
+                dataset=dataset,
+                partition=partition,
+                uri=uri,
+                rows=rows,
+                bytes=size,
+                attributes=dict(attributes or {}),
+            )
+        )
 
     @property
     def event(self) -> CloudEvent:

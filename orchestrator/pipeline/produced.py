@@ -7,12 +7,12 @@ from typing import Any
 
 import msgspec
 
-from orchestrator.events import encode_structured, new_arrival
+from orchestrator.events import Arrival, encode_structured, new_arrival
 from orchestrator.pipeline.records import StepRecord
 from orchestrator.store import ClaimedRun, OutboxWrite
 from orchestrator.telemetry import inject_headers
 
-__all__ = ["produced_event"]
+__all__ = ["announcement", "produced_event"]
 
 _NAMESPACE = uuid.UUID("5b1f3d6e-9a57-4e4b-8a63-0c7f6a0e2d41")
 _decoder = msgspec.json.Decoder()
@@ -24,30 +24,46 @@ def _field(doc: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any
 
 
 def produced_event(run: ClaimedRun, record: StepRecord, dataset: str, topic: str) -> OutboxWrite:
-    """The outbox row announcing ``dataset``, described by the step's output when it is an
-    object (``partition``, ``uri``, ``rows``, ``bytes``, ``attributes``).
-
-    The CloudEvents id depends only on the run and the step, so a step re-run after a crash
-    announces the same event and consumers deduplicate it.
-    """
+    """The outbox row announcing ``dataset`` (``produces=``), described by the step's output
+    when it is an object (``partition``, ``uri``, ``rows``, ``bytes``, ``attributes``)."""
     doc: dict[str, Any] = {}
     if record.output:
         decoded = _decoder.decode(record.output)
         if isinstance(decoded, dict):
             doc = decoded
-    partition = _field(doc, "partition", str)
-    if partition is None and run.events:
-        partition = run.events[0].data.partition
     attributes = doc.get("attributes")
-    event = new_arrival(
-        dataset,
-        partition=partition,
+    arrival = Arrival(
+        dataset=dataset,
+        partition=_field(doc, "partition", str),
         uri=_field(doc, "uri", str),
         rows=_field(doc, "rows", int),
-        size=_field(doc, "bytes", int),
+        bytes=_field(doc, "bytes", int),
         attributes=attributes if isinstance(attributes, dict) else {},
-        source=f"orchestrator://{run.pipeline}/{record.step}",
-        id=str(uuid.uuid5(_NAMESPACE, f"{run.id}/{record.step}")),
+    )
+    return announcement(run, record.step, arrival, "produces", topic)
+
+
+def announcement(
+    run: ClaimedRun, step: str, arrival: Arrival, slot: str, topic: str
+) -> OutboxWrite:
+    """The outbox row for an arrival a step announced.
+
+    The CloudEvents id depends only on the run, the step and ``slot`` (which announcement of
+    the step it is), so a step re-run after a crash announces the same event and consumers
+    deduplicate it. A missing partition is taken from the run's first triggering event.
+    """
+    partition = arrival.partition
+    if partition is None and run.events:
+        partition = run.events[0].data.partition
+    event = new_arrival(
+        arrival.dataset,
+        partition=partition,
+        uri=arrival.uri,
+        rows=arrival.rows,
+        size=arrival.bytes,
+        attributes=dict(arrival.attributes),
+        source=f"orchestrator://{run.pipeline}/{step}",
+        id=str(uuid.uuid5(_NAMESPACE, f"{run.id}/{step}/{slot}")),
     )
     headers = [("content-type", "application/cloudevents+json")]
     headers += [(k, v.decode("latin-1")) for k, v in inject_headers()]
@@ -58,5 +74,5 @@ def produced_event(run: ClaimedRun, record: StepRecord, dataset: str, topic: str
         value=encode_structured(event),
         headers=headers,
         run_id=run.id,
-        step=record.step,
+        step=step,
     )

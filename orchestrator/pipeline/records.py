@@ -12,7 +12,7 @@ from typing import Any, Literal, Protocol
 
 import msgspec
 
-from orchestrator.events import CloudEvent
+from orchestrator.events import Arrival, CloudEvent
 from orchestrator.pipeline.model import Pipeline
 
 __all__ = [
@@ -47,6 +47,8 @@ class StepRecord(msgspec.Struct, frozen=True, kw_only=True):
     skipped: bool = False
     """``True`` when ``skip_if`` skipped the step: then ``status`` is ``succeeded`` and
     ``output`` is ``null``."""
+    emitted: tuple[Arrival, ...] = ()
+    """Arrivals the attempt announced with ``ctx.emit`` (kept only when it succeeded)."""
 
 
 class RunRecorder(Protocol):

@@ -29,7 +29,7 @@ from orchestrator.errors import LeaseLost, PipelineError, StoreError
 from orchestrator.health import Health
 from orchestrator.pipeline.group_commit import OutcomeWriter
 from orchestrator.pipeline.model import Pipeline
-from orchestrator.pipeline.produced import produced_event
+from orchestrator.pipeline.produced import announcement, produced_event
 from orchestrator.pipeline.records import RunOutcome, RunSpec, StepRecord
 from orchestrator.pipeline.retry import RetryPolicy
 from orchestrator.pipeline.runner import Runner
@@ -89,14 +89,20 @@ class _StoreRecorder:
                 skipped=record.skipped,
             )
         )
-        if record.status == "succeeded" and not record.skipped:
-            inflight = self._s._inflight.get(record.run_id)
-            pipeline = self._s._pipelines.get(inflight.run.pipeline) if inflight else None
-            step = pipeline.steps.get(record.step) if pipeline else None
-            if inflight is not None and step is not None and step.produces:
-                self._s.writer.add_outbox(
-                    produced_event(inflight.run, record, step.produces, self._s.publish_topic)
-                )
+        if record.status != "succeeded" or record.skipped:
+            return
+        inflight = self._s._inflight.get(record.run_id)
+        if inflight is None:
+            return
+        topic = self._s.publish_topic
+        for i, arrival in enumerate(record.emitted):
+            self._s.writer.add_outbox(
+                announcement(inflight.run, record.step, arrival, f"emit/{i}", topic)
+            )
+        pipeline = self._s._pipelines.get(inflight.run.pipeline)
+        step = pipeline.steps.get(record.step) if pipeline else None
+        if step is not None and step.produces:
+            self._s.writer.add_outbox(produced_event(inflight.run, record, step.produces, topic))
 
 
 class Scheduler:

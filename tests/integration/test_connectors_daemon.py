@@ -123,3 +123,49 @@ async def test_produced_dataset_chains_a_downstream_pipeline_in_the_same_trace(
     run_up = next(s for s in spans if s.name == "run rollup")
     run_down = next(s for s in spans if s.name == "run report")
     assert run_down.context.trace_id == run_up.context.trace_id
+
+
+async def test_emit_publishes_only_what_a_successful_attempt_announced(
+    kafka_bootstrap: str, topic: str, pg_dsn: str, pg_schema: PgSchema
+) -> None:
+    from orchestrator import RetryPolicy, new_arrival
+    from orchestrator.kafka import open_producer, publish_event
+
+    attempts: list[int] = []
+    upstream = Pipeline("export")
+
+    @upstream.step(retry=RetryPolicy(max_attempts=2, initial_backoff=0.01, jitter=0))
+    async def export(ctx: StepContext) -> None:
+        attempts.append(ctx.attempt)
+        ctx.emit("exports.file", partition=f"try-{ctx.attempt}", rows=ctx.attempt)
+        if ctx.attempt == 1:
+            raise RuntimeError("disk full")  # this attempt's announcement must not go out
+
+    seen: list[str | None] = []
+    downstream = Pipeline("load")
+
+    @downstream.step()
+    async def load(ctx: StepContext) -> None:
+        seen.append(ctx.event.data.partition)
+
+    rules = RuleSet.build(
+        [
+            Rule(name="up", pipeline="export", match={"data": {"dataset": ["raw"]}}),
+            Rule(name="down", pipeline="load", match={"data": {"dataset": ["exports.file"]}}),
+        ]
+    )
+    traced = Traced()
+    settings = make_settings(kafka_bootstrap, topic, pg_dsn, pg_schema.name)
+    async with running_daemon(settings, {"export": upstream, "load": downstream}, rules, traced):
+        async with open_producer(settings) as producer:
+            await publish_event(producer, topic, new_arrival("raw"), traced.telemetry.tracer)
+
+        async def both() -> bool:
+            rows = await fetch(pg_dsn, pg_schema.name, "SELECT status FROM runs")
+            return len(rows) == 2 and all(r["status"] == "succeeded" for r in rows)
+
+        await wait_for(both, what="the export and the load it announced")
+    assert attempts == [1, 2]
+    assert seen == ["try-2"]
+    outbox = await fetch(pg_dsn, pg_schema.name, "SELECT step, published_at FROM outbox")
+    assert [(o["step"], o["published_at"] is not None) for o in outbox] == [("export", True)]
