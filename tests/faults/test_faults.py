@@ -33,13 +33,24 @@ from tests.support.procs import DaemonProcess
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(300)]
 
 
+def report(capsys: pytest.CaptureFixture[str], line: str) -> None:
+    """Show a scenario's counts in the test output, even when output is captured."""
+    with capsys.disabled():
+        print(f"\n{line}")
+
+
 def daemons_for(config: Path, tmp_path: Path, effects: Path, count: int) -> list[DaemonProcess]:
     env = {"ORCH_FAULT_EFFECTS": str(effects)}
     return [DaemonProcess(config, tmp_path / f"daemon-{i}.log", env) for i in range(count)]
 
 
 async def test_two_daemons_killed_and_restarted_lose_and_duplicate_nothing(
-    kafka_bootstrap: str, topic: str, pg_dsn: str, pg_schema: PgSchema, tmp_path: Path
+    kafka_bootstrap: str,
+    topic: str,
+    pg_dsn: str,
+    pg_schema: PgSchema,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     config = write_config(
         tmp_path / "orchestrator.toml",
@@ -79,7 +90,7 @@ async def test_two_daemons_killed_and_restarted_lose_and_duplicate_nothing(
             await d.aclose()
 
     result = await audit(pg_dsn, pg_schema.name, load, effects)
-    print(result.line("kill-restart", daemons=2, kills=kills))
+    report(capsys, result.line("kill-restart", daemons=2, kills=kills))
     assert codes == [0, 0]
     assert result.events == len(load.rows)
     assert result.lost_runs == 0
@@ -97,6 +108,7 @@ async def test_postgres_restart_mid_load_loses_nothing(
     pg_schema: PgSchema,
     tmp_path: Path,
     postgres: EmbeddedPostgres,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     config = write_config(
         tmp_path / "orchestrator.toml",
@@ -132,7 +144,7 @@ async def test_postgres_restart_mid_load_loses_nothing(
             await postgres.start()
 
     result = await audit(pg_dsn, pg_schema.name, load, effects)
-    print(result.line("postgres-restart", outage_seconds=3))
+    report(capsys, result.line("postgres-restart", outage_seconds=3))
     assert code == 0
     assert result.lost_runs == 0
     assert result.duplicate_runs == 0
@@ -142,7 +154,12 @@ async def test_postgres_restart_mid_load_loses_nothing(
 
 
 async def test_sigterm_mid_load_drains_then_restart_finishes(
-    kafka_bootstrap: str, topic: str, pg_dsn: str, pg_schema: PgSchema, tmp_path: Path
+    kafka_bootstrap: str,
+    topic: str,
+    pg_dsn: str,
+    pg_schema: PgSchema,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     config = write_config(
         tmp_path / "orchestrator.toml",
@@ -181,7 +198,7 @@ async def test_sigterm_mid_load_drains_then_restart_finishes(
         await daemon.aclose()
 
     result = await audit(pg_dsn, pg_schema.name, load, effects)
-    print(result.line("sigterm-restart"))
+    report(capsys, result.line("sigterm-restart"))
     assert result.interrupted_attempts > 0, "the stop should have interrupted steps in flight"
     assert result.lost_runs == 0
     assert result.duplicate_runs == 0
@@ -196,6 +213,7 @@ async def test_broker_unreachable_for_ten_seconds_loses_nothing(
     pg_schema: PgSchema,
     tmp_path: Path,
     broker: EmbeddedBroker,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The broker is frozen (SIGSTOP): connections stay open but nothing answers, as in a
     network partition. The daemon reports not-ready, keeps running, and catches up."""
@@ -236,7 +254,9 @@ async def test_broker_unreachable_for_ten_seconds_loses_nothing(
         await daemon.aclose()
 
     result = await audit(pg_dsn, pg_schema.name, load, effects)
-    print(result.line("broker-unreachable", outage_seconds=10, not_ready_seen=not_ready_seen))
+    report(
+        capsys, result.line("broker-unreachable", outage_seconds=10, not_ready_seen=not_ready_seen)
+    )
     assert not_ready_seen, "readiness must report the broker outage"
     assert result.lost_runs == 0
     assert result.duplicate_runs == 0
