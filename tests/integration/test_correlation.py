@@ -307,3 +307,39 @@ async def test_pipeline_max_concurrent_runs_caps_running_runs(
 
         await wait_for(done, what="all three runs, one after another")
     assert len(started) == 3
+
+
+async def test_batch_starts_a_run_when_full_or_when_the_wait_ends(
+    kafka_bootstrap: str, topic: str, pg_dsn: str, pg_schema: PgSchema
+) -> None:
+    seen: list[dict[str, Any]] = []
+    rule = msgspec.convert(
+        {
+            "name": "batched",
+            "pipeline": "p",
+            "match": {"data": {"dataset": ["rows"]}},
+            "batch": {"max_events": 3, "max_wait": "2s"},
+        },
+        Rule,
+    )
+    settings = make_settings(kafka_bootstrap, topic, pg_dsn, pg_schema.name)
+    async with running_daemon(
+        settings, {"p": recorder("p", seen)}, RuleSet.build([rule]), Traced()
+    ):
+        # Key "full": 3 events fill the batch; key "part": 1 event waits out max_wait.
+        await send(
+            kafka_bootstrap,
+            topic,
+            *[new_arrival("rows", partition="full", rows=i) for i in range(3)],
+            new_arrival("rows", partition="part"),
+        )
+
+        async def done() -> bool:
+            rows = await runs(pg_dsn, pg_schema.name)
+            return len(rows) == 2 and all(r["status"] == "succeeded" for r in rows)
+
+        await wait_for(done, within=30, what="a full batch and a timed-out one")
+    sizes = sorted(len(s["events"]) for s in seen)
+    assert sizes == [1, 3]
+    full = next(s for s in seen if len(s["events"]) == 3)
+    assert full["events"] == ["rows/full"] * 3
