@@ -36,6 +36,7 @@ fmt: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -e '.[test,bench]'
 	$(PY) -m bench $(ARGS)
 
 clean:
