@@ -57,6 +57,9 @@ class KafkaSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=T
     fetch_max_wait_ms: int = 10
     """Longest a fetch waits at the broker for data. Low values keep the arrival-to-step
     latency in milliseconds on brokers that answer a fetch only when it expires."""
+    commit_interval_ms: int = 100
+    """Offsets of durable batches are committed at most this often (and when idle or
+    stopping); a crash then redelivers at most this much, which the store deduplicates."""
     max_record_bytes: int = 1_048_576
     """Records larger than this are dead-lettered without decoding."""
     publish_topic: str = "arrivals"

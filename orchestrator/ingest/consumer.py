@@ -68,6 +68,8 @@ class Ingestor:
         self._fetch_scope: anyio.CancelScope | None = None
         self._stopped = anyio.Event()
         self._dlq: AIOKafkaProducer | None = None
+        self._pending_offsets: dict[TopicPartition, int] = {}
+        self._last_commit = 0.0
         self.batches = 0
 
     def stop(self) -> None:
@@ -119,6 +121,7 @@ class Ingestor:
                     tg.cancel_scope.cancel()
             finally:
                 with anyio.move_on_after(10, shield=True):
+                    await self._commit(consumer, force=True)
                     if self._dlq is not None:
                         await self._dlq.stop()
                     await consumer.stop()
@@ -177,6 +180,7 @@ class Ingestor:
                 )
             self._fetch_scope = None
             if scope.cancelled_caught or not batch:
+                await self._commit(consumer, force=True)  # idle or stopping: commit what is durable
                 continue
             records = [r for recs in batch.values() for r in recs]
             await self._process(consumer, records)
@@ -360,11 +364,29 @@ class Ingestor:
         except KafkaError as exc:
             log.warning("could not copy %d dead letters to %s: %s", len(dead), topic, exc)
 
-    async def _commit(self, consumer: AIOKafkaConsumer, records: Sequence[ConsumerRecord]) -> None:
-        offsets: dict[TopicPartition, int] = {}
+    async def _commit(
+        self,
+        consumer: AIOKafkaConsumer,
+        records: Sequence[ConsumerRecord] = (),
+        *,
+        force: bool = False,
+    ) -> None:
+        """Commit the offsets of batches already durable in Postgres.
+
+        Offsets are committed at most every ``kafka.commit_interval_ms`` (and whenever the
+        consumer goes idle or stops): a commit is a broker round trip, and committing later
+        only means a crash redelivers more records, which the store deduplicates.
+        """
+        pending = self._pending_offsets
         for rec in records:
             tp = TopicPartition(rec.topic, rec.partition)
-            offsets[tp] = max(offsets.get(tp, 0), rec.offset + 1)
+            pending[tp] = max(pending.get(tp, 0), rec.offset + 1)
+        now = anyio.current_time()
+        interval = self._settings.kafka.commit_interval_ms / 1000
+        if not pending or (not force and now - self._last_commit < interval):
+            return
+        offsets, self._pending_offsets = pending, {}
+        self._last_commit = now
         try:
             await consumer.commit(offsets)
         except (CommitFailedError, IllegalStateError) as exc:
