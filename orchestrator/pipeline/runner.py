@@ -182,6 +182,8 @@ class _Execution:
         self.aborts: list[Exception] = []
         self.in_flight: dict[str, None] = {}
         """Steps started and not ended, oldest first (kept when cancellation stops them)."""
+        self._ready: list[str] = []
+        """Steps made ready by the success just recorded (taken at once by its task)."""
         self.attempts = Attempts(
             runner, spec, plan.pipeline, stop_status=self._stop_status, stopping=self._stopping
         )
@@ -323,22 +325,31 @@ class _Execution:
             if dependent in self.waiting:
                 self.waiting[dependent] -= 1
                 if self.waiting[dependent] == 0 and not self._stopping():
-                    self._start(dependent)
+                    self._ready.append(dependent)
 
     async def _run_step(self, name: str) -> None:
-        step = self.plan.steps[name]
-        self.in_flight[name] = None
-        try:
-            if await self._skip(step):
-                pass
-            elif step.map_over is None:
-                await self._single(step)
-            else:
-                await self._map(step)
-        except Exception as exc:  # from the recorder: stop everything, re-raised by run()
-            self._abort(name, exc)
-            return
-        del self.in_flight[name]
+        """Run ``name``, then the steps its success made ready: the first in this task (a
+        chain a -> b -> c costs one task, not three), the others in tasks of their own."""
+        current: str | None = name
+        while current is not None:
+            step = self.plan.steps[current]
+            self.in_flight[current] = None
+            try:
+                if await self._skip(step):
+                    pass
+                elif step.map_over is None:
+                    await self._single(step)
+                else:
+                    await self._map(step)
+            except Exception as exc:  # from the recorder: stop everything, re-raised by run()
+                self._abort(current, exc)
+                return
+            del self.in_flight[current]
+            # No await since this step's _succeeded: the ready list holds only its dependents.
+            ready, self._ready = self._ready, []
+            for other in ready[1:]:
+                self._start(other)
+            current = ready[0] if ready else None
 
     def _upstream(self, step: Step) -> Mapping[str, Any]:
         return MappingProxyType({d: self.outputs[d] for d in step.depends_on})
