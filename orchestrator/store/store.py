@@ -7,14 +7,13 @@ taken from the pool inside the method and never shared across calls.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 import asyncpg
 import msgspec
 
-from orchestrator.errors import LeaseLost
 from orchestrator.events import CloudEvent
 from orchestrator.store.batch import IngestTx, NewRun, columns
 from orchestrator.store.connection import acquire, create_pool, translate_errors
@@ -22,10 +21,8 @@ from orchestrator.store.migrate import migrate
 from orchestrator.store.records import (
     AttemptWrite,
     ClaimedRun,
-    DeadLetter,
     DeadLetterRow,
     IncomingEvent,
-    IngestResult,
     OutboxRow,
     OutboxWrite,
     RunFinish,
@@ -208,10 +205,6 @@ class Store:
         async with acquire(self.pool, "migrate") as conn:
             return await migrate(conn, self.schema)
 
-    async def ping(self) -> None:
-        async with acquire(self.pool, "ping") as conn:
-            await conn.fetchval("SELECT 1")
-
     # -- ingest -------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
@@ -223,31 +216,6 @@ class Store:
             yield tx
             if tx.created or tx.changed:
                 await conn.execute("SELECT pg_notify($1, '')", self.runs_channel)
-
-    async def ingest(
-        self, events: Sequence[IncomingEvent], dead: Sequence[DeadLetter]
-    ) -> IngestResult:
-        """Write a batch of events with their single-event runs (no flow control).
-
-        Events already stored (same source and id) are skipped with their runs, so a
-        redelivered batch creates nothing twice.
-        """
-        async with self.ingest_tx() as tx:
-            await tx.insert_dead(dead)
-            ids = await tx.insert_events(events)
-            new_events = len(ids)
-            runs: list[NewRun] = []
-            for e in events:
-                pk = ids.pop((e.event.source, e.event.id), None)
-                if pk is not None:  # pop: a duplicate later in the batch creates nothing
-                    runs += [new_run(r, e, pk) for r in e.runs]
-            run_ids = await tx.insert_runs(runs)
-        return IngestResult(
-            new_events=new_events,
-            duplicate_events=len(events) - new_events,
-            dead_letters=len(dead),
-            run_ids=run_ids,
-        )
 
     # -- run execution --------------------------------------------------------------------
 
@@ -334,13 +302,6 @@ class Store:
             )
         return {r["id"]: r["cancel_requested"] for r in rows}
 
-    async def load_events(self, ids: Iterable[int]) -> dict[int, CloudEvent]:
-        async with acquire(self.pool, "load events") as conn:
-            rows = await conn.fetch(
-                "SELECT id, envelope FROM events WHERE id = ANY($1::bigint[])", list(ids)
-            )
-        return {r["id"]: _envelope_decoder.decode(r["envelope"]) for r in rows}
-
     async def resume_state(self, run_id: int) -> tuple[dict[str, bytes], dict[str, int]]:
         """What a resumed run needs: outputs of steps already succeeded (not run again) and
         the number of attempts recorded so far per step (numbering continues)."""
@@ -356,66 +317,6 @@ class Store:
         completed = {r["step"]: r["output"] or b"null" for r in rows if r["succeeded"]}
         attempts = {r["step"]: r["attempts"] for r in rows}
         return completed, attempts
-
-    async def step_started(
-        self, run_id: int, step: str, attempt: int, started_at: datetime, owner: str
-    ) -> None:
-        """Record an attempt's start; raises :class:`LeaseLost` if ``owner`` lost the run."""
-        async with acquire(self.pool, "record step start") as conn:
-            row = await conn.fetchrow(
-                """INSERT INTO step_attempts (run_id, step, attempt, status, owner, started_at)
-                   SELECT $1, $2, $3, 'running', $4, $5
-                   WHERE EXISTS (SELECT 1 FROM runs WHERE id = $1 AND lease_owner = $4)
-                   ON CONFLICT (run_id, step, attempt) DO UPDATE
-                   SET status = 'running', owner = $4, started_at = $5, finished_at = NULL,
-                       output = NULL, error = NULL
-                   RETURNING attempt""",
-                run_id,
-                step,
-                attempt,
-                owner,
-                started_at,
-            )
-        if row is None:
-            raise LeaseLost(f"run {run_id} is no longer held by {owner}")
-
-    async def step_finished(
-        self,
-        run_id: int,
-        step: str,
-        attempt: int,
-        *,
-        status: str,
-        output: bytes | None,
-        error: str | None,
-        started_at: datetime,
-        finished_at: datetime,
-        owner: str,
-    ) -> None:
-        """Record an attempt's outcome; raises :class:`LeaseLost` if ``owner`` lost the run
-        (another daemon resumed it), so an outcome is never recorded twice."""
-        async with acquire(self.pool, "record step outcome") as conn:
-            row = await conn.fetchrow(
-                """INSERT INTO step_attempts
-                       (run_id, step, attempt, status, output, error, owner, started_at,
-                        finished_at)
-                   SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9
-                   WHERE EXISTS (SELECT 1 FROM runs WHERE id = $1 AND lease_owner = $7)
-                   ON CONFLICT (run_id, step, attempt) DO UPDATE
-                   SET status = $4, output = $5, error = $6, owner = $7, finished_at = $9
-                   RETURNING attempt""",
-                run_id,
-                step,
-                attempt,
-                status,
-                output,
-                error,
-                owner,
-                started_at,
-                finished_at,
-            )
-        if row is None:
-            raise LeaseLost(f"run {run_id} is no longer held by {owner}")
 
     async def record_outcomes(
         self,
@@ -490,30 +391,6 @@ class Store:
                 await conn.execute("SELECT pg_notify($1, '')", self.runs_channel)
         return lost, finished
 
-    async def finish_run(
-        self,
-        run_id: int,
-        owner: str,
-        status: str,
-        *,
-        failed_step: str | None = None,
-        error: str | None = None,
-    ) -> bool:
-        """Record a run's final status if ``owner`` still holds it. False if it was lost."""
-        async with acquire(self.pool, "finish run") as conn:
-            row = await conn.fetchrow(
-                """UPDATE runs SET status = $3, finished_at = now(), failed_step = $4,
-                       error = $5, lease_owner = NULL, lease_expires_at = NULL
-                   WHERE id = $1 AND lease_owner = $2 AND status = 'running'
-                   RETURNING id""",
-                run_id,
-                owner,
-                status,
-                failed_step,
-                error,
-            )
-        return row is not None
-
     async def release_run(self, run_id: int, owner: str) -> bool:
         """Give a run back to the queue (interrupted by shutdown); any daemon resumes it."""
         async with acquire(self.pool, "release run") as conn:
@@ -564,11 +441,6 @@ class Store:
             )
             for r in rows
         ]
-
-    async def count_runs(self) -> dict[str, int]:
-        async with acquire(self.pool, "count runs") as conn:
-            rows = await conn.fetch("SELECT status, count(*) AS n FROM runs GROUP BY status")
-        return {r["status"]: r["n"] for r in rows}
 
     async def request_cancel(self, run_id: int) -> str | None:
         """Cancel a pending run now, or ask the daemon running it to cancel it.
