@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Any
 
 import anyio
 import msgspec
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 _decoder = msgspec.json.Decoder(CorrelationState)
 _encoder = msgspec.json.Encoder()
+_view_decoder = msgspec.json.Decoder(dict[str, Any])
 
 
 class DeadlineWatcher:
@@ -91,7 +93,13 @@ class DeadlineWatcher:
                 firing = corr.on_deadline(state, now)
                 if firing is not None:
                     state.fired = True
-                    await create_firing_run(tx, self._plan, corr, firing, {}, None)
+                    # Params are templated from the event that opened the watch.
+                    opener: dict[str, Any] = {}
+                    if firing.event_ids:
+                        raw_event = await tx.envelope(firing.event_ids[0])
+                        if raw_event is not None:
+                            opener = _view_decoder.decode(raw_event)
+                    await create_firing_run(tx, self._plan, corr, firing, opener, None)
                     self.fired += 1
                     log.info(
                         "rule %r key %r: deadline passed, missing %s",

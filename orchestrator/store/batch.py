@@ -320,6 +320,13 @@ class IngestTx:
         )
         return [r["traceparent"] for r in rows if r["traceparent"]]
 
+    async def envelope(self, event_id: int) -> bytes | None:
+        """The stored CloudEvents envelope of one event (raw JSON)."""
+        value: bytes | None = await self._conn.fetchval(
+            "SELECT envelope FROM events WHERE id = $1", event_id
+        )
+        return value
+
     async def now(self) -> datetime:
         value: datetime = await self._conn.fetchval("SELECT now()")
         return value

@@ -122,6 +122,7 @@ async def test_absence_fires_when_a_dataset_is_withheld(
                 "customers": {"data": {"dataset": ["sales.customers"]}},
             },
             "expect": {"conditions": ["orders"], "after": "2s"},
+            "params": {"day": "{data.partition}", "from": "{source}"},
         },
         Rule,
     )
@@ -146,6 +147,8 @@ async def test_absence_fires_when_a_dataset_is_withheld(
     params = msgspec.json.decode(run["params"])
     assert params["missing"] == ["orders"]
     assert params["reason"] == "absence"
+    assert params["day"] == "withheld"  # templated from the event that opened the watch
+    assert params["from"] == "orchestrator://publish"
     assert run["trigger_key"].startswith("corr:withheld@")
     assert seen[0]["events"] == ["sales.customers/withheld"]
 
