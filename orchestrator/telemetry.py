@@ -159,10 +159,15 @@ def _otlp_configured(endpoint: str) -> bool:
     )
 
 
-def install(service_name: str, otlp_endpoint: str = "") -> Callable[[], None]:
+def install(
+    service_name: str, otlp_endpoint: str = "", *, record_without_exporter: bool = False
+) -> Callable[[], None]:
     """Install global tracer and meter providers; export by OTLP/HTTP when configured.
 
-    Returns a function that flushes and shuts the providers down.
+    Without an exporter the daemon records no spans (they would cost CPU for nothing) but
+    still propagates trace context. ``record_without_exporter`` keeps the default sampler,
+    for short-lived commands whose sampled flag should not switch tracing off downstream
+    (``orchestrator publish``). Returns a function that flushes and shuts the providers down.
     """
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.resources import Resource
@@ -173,8 +178,9 @@ def install(service_name: str, otlp_endpoint: str = "") -> Callable[[], None]:
     exporting = _otlp_configured(otlp_endpoint)
     # Without an exporter, spans are not recorded (a fifth of the daemon's CPU otherwise);
     # trace context still flows from the producer through runs and announced events.
+    off = not exporting and not record_without_exporter
     tracer_provider = TracerProvider(
-        resource=resource, sampler=None if exporting else sampling.ALWAYS_OFF
+        resource=resource, sampler=sampling.ALWAYS_OFF if off else None
     )
     readers = []
     if exporting:

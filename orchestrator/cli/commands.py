@@ -132,7 +132,11 @@ def _publish(args: argparse.Namespace, settings: Settings) -> int:
         id=args.id,
     )
     topic = args.topic or settings.kafka.publish_topic
-    shutdown = install(settings.telemetry.service_name + "-cli", settings.telemetry.otlp_endpoint)
+    shutdown = install(
+        settings.telemetry.service_name + "-cli",
+        settings.telemetry.otlp_endpoint,
+        record_without_exporter=True,  # a sampled context, whoever traces downstream
+    )
     tracer = Telemetry.from_providers().tracer
 
     async def _go() -> int:

@@ -34,3 +34,35 @@ def test_missing_or_garbage_context_starts_a_new_trace() -> None:
         ctx = extract_headers(headers)
         assert not trace.get_current_span(ctx).get_span_context().is_valid
     assert not trace.get_current_span(context_from_traceparent(None)).get_span_context().is_valid
+
+
+def _sampled_after_install(record_without_exporter: bool) -> str:
+    import subprocess
+    import sys
+
+    code = (
+        "from orchestrator.telemetry import install, Telemetry, inject_headers\n"
+        f"install('t', record_without_exporter={record_without_exporter})\n"
+        "tracer = Telemetry.from_providers().tracer\n"
+        "with tracer.start_as_current_span('s') as span:\n"
+        "    flags = int(inject_headers()[0][1].decode()[-2:], 16)\n"
+        "    print(span.is_recording(), 'sampled' if flags & 1 else 'unsampled')\n"
+    )
+    env = {"PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+        env=env,
+    )
+    return result.stdout.strip()
+
+
+def test_daemon_without_exporter_records_nothing_but_still_propagates() -> None:
+    assert _sampled_after_install(False) == "False unsampled"
+
+
+def test_publish_without_exporter_sends_a_sampled_context() -> None:
+    assert _sampled_after_install(True) == "True sampled"
