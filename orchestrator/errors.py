@@ -8,8 +8,7 @@ Every error raised on purpose by this package derives from one root::
     ├── PipelineError          a pipeline definition is wrong (cycle, unknown dependency, ...)
     ├── EventError             a Kafka record is not a valid arrival event (the dead-letter reason)
     ├── StoreError             Postgres failed or is unreachable (retryable)
-    │   ├── StoreRejected      Postgres refused the data itself (not retryable)
-    │   └── LeaseLost          another daemon took over a run this one was executing
+    │   └── StoreRejected      Postgres refused the data itself (not retryable)
     ├── BrokerError            Kafka failed or is unreachable (retryable)
     └── StepError              raised by step code to control retries
         └── NonRetryableError  fail the step now, do not retry
@@ -23,7 +22,6 @@ __all__ = [
     "BrokerError",
     "ConfigError",
     "EventError",
-    "LeaseLost",
     "NonRetryableError",
     "OrchestratorError",
     "PipelineError",
@@ -70,12 +68,6 @@ class StoreError(OrchestratorError):
 
 class StoreRejected(StoreError):
     """Postgres refused a value (encoding, range, constraint); retrying cannot help."""
-
-    retryable = False
-
-
-class LeaseLost(StoreError):
-    """This daemon's lease on a run expired and another daemon resumed it."""
 
     retryable = False
 

@@ -25,7 +25,7 @@ from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from orchestrator.backoff import backoff_delay
 from orchestrator.config import RunnerSettings
-from orchestrator.errors import LeaseLost, PipelineError, StoreError
+from orchestrator.errors import PipelineError, StoreError
 from orchestrator.health import Health
 from orchestrator.pipeline.group_commit import OutcomeWriter
 from orchestrator.pipeline.model import Pipeline
@@ -291,8 +291,6 @@ class Scheduler:
         inst.runs_in_flight.add(1, {"pipeline": run.pipeline})
         try:
             await self._execute_traced(inflight)
-        except LeaseLost:
-            log.warning("run %d: lease lost to another daemon; it continues there", run.id)
         except Exception:
             log.exception("run %d: internal error; returning it to the queue", run.id)
             with anyio.move_on_after(5, shield=True):
