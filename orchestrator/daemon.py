@@ -169,6 +169,7 @@ class Daemon:
                     self.health,
                     on_runs_created=_created,
                     plan=plan,
+                    local=scheduler,
                 )
                 self.scheduler, self.ingestor = scheduler, ingestor
                 services = anyio.CancelScope()

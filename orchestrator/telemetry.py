@@ -7,6 +7,7 @@ providers except :func:`install`, which only the CLI calls.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -22,6 +23,8 @@ __all__ = [
     "extract_headers",
     "inject_headers",
     "install",
+    "records",
+    "traceparent_from_headers",
     "traceparent_of",
 ]
 
@@ -72,6 +75,24 @@ def traceparent_of(span: trace.Span) -> tuple[str | None, str | None]:
     return carrier.get("traceparent"), carrier.get("tracestate")
 
 
+_TRACEPARENT = re.compile(r"^00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}$")
+
+
+def traceparent_from_headers(headers: KafkaHeaders) -> tuple[str | None, str | None]:
+    """The producer's ``(traceparent, tracestate)`` from a record's headers, for a daemon
+    that records no spans: its runs then continue the producer's span directly, and the
+    sampled flag travels on unchanged. An invalid or missing header gives ``(None, None)``."""
+    parent = state = None
+    for key, value in headers:
+        if key == "traceparent" and value is not None:
+            parent = value.decode("latin-1").strip()
+        elif key == "tracestate" and value is not None:
+            state = value.decode("latin-1").strip() or None
+    if parent is None or not _TRACEPARENT.match(parent):
+        return None, None
+    return parent, state
+
+
 def context_from_traceparent(traceparent: str | None, tracestate: str | None = None) -> Context:
     carrier = {"traceparent": traceparent or ""}
     if tracestate:
@@ -95,8 +116,12 @@ class Instruments:
         self.runs = meter.create_counter(
             "orchestrator.runs", unit="{run}", description="Runs by final or new status"
         )
-        self.runs_in_flight = meter.create_up_down_counter(
-            "orchestrator.runs.in_flight", unit="{run}", description="Runs executing now"
+        self._in_flight_sources: list[Callable[[], Iterable[tuple[str, int]]]] = []
+        meter.create_observable_up_down_counter(
+            "orchestrator.runs.in_flight",
+            callbacks=[self._observe_in_flight],
+            unit="{run}",
+            description="Runs held by this daemon and not finished, by pipeline",
         )
         self.event_to_step_latency = meter.create_histogram(
             "orchestrator.event_to_step.latency",
@@ -111,6 +136,17 @@ class Instruments:
             unit="{record}",
             description="Records behind the partition's highwater mark",
         )
+
+    def observe_in_flight(self, source: Callable[[], Iterable[tuple[str, int]]]) -> None:
+        """Report ``orchestrator.runs.in_flight`` from ``source``: (pipeline, runs) pairs."""
+        self._in_flight_sources.append(source)
+
+    def _observe_in_flight(
+        self, _options: metrics.CallbackOptions
+    ) -> Iterable[metrics.Observation]:
+        for source in list(self._in_flight_sources):
+            for pipeline, n in source():
+                yield metrics.Observation(n, {"pipeline": pipeline})
 
     def set_lag(self, topic: str, partition: int, lag: int) -> None:
         self._lag[(topic, partition)] = lag
@@ -139,6 +175,9 @@ class Telemetry:
     tracer: trace.Tracer
     meter: metrics.Meter
     instruments: Instruments
+    recording: bool = True
+    """Whether the tracer records spans; when it does not (no exporter), components skip
+    building spans and only carry the trace context along."""
 
     @classmethod
     def from_providers(
@@ -148,7 +187,19 @@ class Telemetry:
     ) -> Telemetry:
         tracer = trace.get_tracer("orchestrator", tracer_provider=tracer_provider)
         meter = metrics.get_meter("orchestrator", meter_provider=meter_provider)
-        return cls(tracer=tracer, meter=meter, instruments=Instruments(meter))
+        return cls(
+            tracer=tracer, meter=meter, instruments=Instruments(meter), recording=records(tracer)
+        )
+
+
+def records(tracer: trace.Tracer) -> bool:
+    """False when spans of ``tracer`` are certainly never recorded: the API's no-op tracer,
+    or an SDK tracer whose sampler is ``ALWAYS_OFF`` (see :func:`install`)."""
+    if isinstance(tracer, trace.NoOpTracer):
+        return False
+    sampler = getattr(tracer, "sampler", None)
+    describe = getattr(sampler, "get_description", None)
+    return not (callable(describe) and describe() == "AlwaysOffSampler")
 
 
 def _otlp_configured(endpoint: str) -> bool:

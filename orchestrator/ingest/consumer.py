@@ -12,7 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import msgspec
@@ -28,17 +28,43 @@ from orchestrator.contracts import Contracts
 from orchestrator.errors import BrokerError, EventError, StoreError, StoreRejected
 from orchestrator.events import decode_record
 from orchestrator.health import Health
-from orchestrator.ingest.writer import FlowPlan, write_batch
+from orchestrator.ingest.writer import FlowPlan, RunOwner, write_batch
 from orchestrator.kafka import client_options, ensure_topics
-from orchestrator.store import DeadLetter, IncomingEvent, IngestResult, RunRequest, Store
-from orchestrator.telemetry import Telemetry, extract_headers, traceparent_of
+from orchestrator.store import (
+    ClaimedRun,
+    DeadLetter,
+    IncomingEvent,
+    IngestResult,
+    RunRequest,
+    Store,
+)
+from orchestrator.telemetry import (
+    Telemetry,
+    extract_headers,
+    traceparent_from_headers,
+    traceparent_of,
+)
 from orchestrator.triggers import RuleSet, event_to_dict, key_of, render_params
 
-__all__ = ["Ingestor"]
+__all__ = ["Ingestor", "LocalRuns"]
 
 log = logging.getLogger(__name__)
 
 _DEAD_VALUE_PREFIX = 64 * 1024  # bytes of an oversize record kept in the dead-letter row
+
+
+class LocalRuns(Protocol):
+    """The daemon's own scheduler, as the intake sees it: it executes the simple runs the
+    intake creates at once, and the intake fetches no more while it is busy."""
+
+    @property
+    def run_owner(self) -> RunOwner: ...
+
+    def adopt(self, runs: Sequence[ClaimedRun]) -> None:
+        """Execute these runs, created claimed by :attr:`run_owner`."""
+
+    async def room(self) -> None:
+        """Return once the runs handed over so far are mostly under way."""
 
 
 class Ingestor:
@@ -54,8 +80,11 @@ class Ingestor:
         *,
         on_runs_created: Callable[[], None] = lambda: None,
         plan: FlowPlan | None = None,
+        local: LocalRuns | None = None,
     ) -> None:
         self._settings = settings
+        self._local = local
+        self._owner = local.run_owner if local is not None else None
         self._store = store
         self._rules = rules
         self._plan = plan if plan is not None else FlowPlan(rules)
@@ -175,6 +204,8 @@ class Ingestor:
         while not self._stopping:
             with anyio.CancelScope() as scope:
                 self._fetch_scope = scope
+                if self._local is not None:
+                    await self._local.room()  # backpressure: the backlog stays in Kafka
                 batch = await consumer.getmany(
                     timeout_ms=k.fetch_timeout_ms, max_records=k.max_batch
                 )
@@ -187,27 +218,15 @@ class Ingestor:
             self._update_lag(consumer, batch)
 
     async def _process(self, consumer: AIOKafkaConsumer, records: Sequence[ConsumerRecord]) -> None:
-        tracer = self._tel.tracer
-        group = self._settings.kafka.group_id
+        recording = self._tel.recording
         events: list[IncomingEvent] = []
         dead: list[DeadLetter] = []
         spans: list[trace.Span] = []
         for rec in records:
             headers = list(rec.headers or ())
-            span = tracer.start_span(
-                f"{rec.topic} process",
-                context=extract_headers(headers),
-                kind=SpanKind.CONSUMER,
-                attributes={
-                    "messaging.system": "kafka",
-                    "messaging.operation.type": "process",
-                    "messaging.destination.name": rec.topic,
-                    "messaging.destination.partition.id": str(rec.partition),
-                    "messaging.kafka.offset": rec.offset,
-                    "messaging.consumer.group.name": group,
-                },
-            )
-            spans.append(span)
+            span = self._span(rec, headers) if recording else trace.INVALID_SPAN
+            if recording:
+                spans.append(span)
             try:
                 event = decode_record(
                     rec.value, headers, max_bytes=self._settings.kafka.max_record_bytes
@@ -221,9 +240,10 @@ class Ingestor:
                     "dead-lettered %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, reason
                 )
                 continue
-            span.set_attribute("messaging.message.id", event.id)
-            span.set_attribute("orchestrator.dataset", event.data.dataset)
-            tp, ts = traceparent_of(span)
+            if recording:
+                span.set_attribute("messaging.message.id", event.id)
+                span.set_attribute("orchestrator.dataset", event.data.dataset)
+            tp, ts = traceparent_of(span) if recording else traceparent_from_headers(headers)
             view = event_to_dict(event)
             problem = self._contracts.check(event) if self._contracts else None
             if problem is not None:
@@ -281,12 +301,30 @@ class Ingestor:
             inst.dead_letters.add(result.dead_letters)
         if result.run_ids:
             inst.runs.add(len(result.run_ids), {"status": "pending"})
-        if result.run_ids or any(e.correlations for e in events):
-            self._on_runs_created()  # new runs, or new deadlines to watch
+        if result.owned and self._local is not None:
+            self._local.adopt(result.owned)
+        if result.queued or any(e.correlations for e in events):
+            self._on_runs_created()  # runs to claim, or new deadlines to watch
         if dead and self._settings.kafka.dead_letter_topic:
             await self._copy_dead_letters(dead)
         await self._commit(consumer, records)
         self.batches += 1
+
+    def _span(self, rec: ConsumerRecord, headers: list[tuple[str, bytes]]) -> trace.Span:
+        """The record's ``<topic> process`` span, continuing the producer's trace."""
+        return self._tel.tracer.start_span(
+            f"{rec.topic} process",
+            context=extract_headers(headers),
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": "kafka",
+                "messaging.operation.type": "process",
+                "messaging.destination.name": rec.topic,
+                "messaging.destination.partition.id": str(rec.partition),
+                "messaging.kafka.offset": rec.offset,
+                "messaging.consumer.group.name": self._settings.kafka.group_id,
+            },
+        )
 
     async def _write(
         self, events: list[IncomingEvent], dead: list[DeadLetter]
@@ -298,12 +336,14 @@ class Ingestor:
         """
         try:
             return await self._retrying(
-                lambda: write_batch(self._store, self._rules, self._plan, events, dead)
+                lambda: write_batch(self._store, self._rules, self._plan, events, dead, self._owner)
             )
         except StoreRejected as exc:
             log.warning("batch rejected by Postgres (%s); isolating the bad records", exc)
         new = dup = 0
         run_ids: list[int] = []
+        owned: list[ClaimedRun] = []
+        queued = False
         rejected = list(dead)
         for e in events:
             try:
@@ -314,17 +354,24 @@ class Ingestor:
             if r is None:
                 return None
             new, dup, run_ids = new + r.new_events, dup + r.duplicate_events, run_ids + r.run_ids
+            owned += r.owned
+            queued = queued or r.queued
         r = await self._retrying(
             lambda: write_batch(self._store, self._rules, self._plan, [], rejected)
         )
         if r is None:
             return None
         return IngestResult(
-            new_events=new, duplicate_events=dup, dead_letters=len(rejected), run_ids=run_ids
+            new_events=new,
+            duplicate_events=dup,
+            dead_letters=len(rejected),
+            run_ids=run_ids,
+            owned=owned,
+            queued=queued,
         )
 
     async def _write_one(self, event: IncomingEvent) -> IngestResult:
-        return await write_batch(self._store, self._rules, self._plan, [event], [])
+        return await write_batch(self._store, self._rules, self._plan, [event], [], self._owner)
 
     async def _retrying(self, write: Callable[[], Awaitable[IngestResult]]) -> IngestResult | None:
         attempt = 0

@@ -14,8 +14,9 @@ from typing import Any
 
 import msgspec
 
-from orchestrator.store import DeadLetter, IncomingEvent, IngestResult, Store
-from orchestrator.store.batch import FlowSpec, IngestTx, NewRun
+from orchestrator.events import CloudEvent
+from orchestrator.store import ClaimedRun, DeadLetter, IncomingEvent, IngestResult, Store
+from orchestrator.store.batch import FlowSpec, IngestTx, NewRun, RunOwner
 from orchestrator.store.store import new_run
 from orchestrator.triggers import (
     CorrelationState,
@@ -27,7 +28,7 @@ from orchestrator.triggers import (
     render_params,
 )
 
-__all__ = ["FlowPlan", "create_firing_run", "write_batch"]
+__all__ = ["FlowPlan", "RunOwner", "create_firing_run", "write_batch"]
 
 _state_decoder = msgspec.json.Decoder(CorrelationState)
 _state_encoder = msgspec.json.Encoder()
@@ -71,12 +72,16 @@ async def write_batch(
     plan: FlowPlan,
     events: Sequence[IncomingEvent],
     dead: Sequence[DeadLetter],
+    owner: RunOwner | None = None,
 ) -> IngestResult:
+    owned: list[ClaimedRun] = []
     async with store.ingest_tx() as tx:
         await tx.insert_dead(dead)
         ids = await tx.insert_events(events)
         new_events = len(ids)
         plain: list[NewRun] = []
+        mine: list[NewRun] = []
+        sources: dict[tuple[str, str], CloudEvent] = {}
         flowed: list[tuple[NewRun, FlowSpec]] = []
         folds: list[tuple[IncomingEvent, int, str, str, tuple[str, ...]]] = []
         for e in events:
@@ -85,22 +90,51 @@ async def write_batch(
                 continue
             for request in e.runs:
                 run, spec = plan.apply(new_run(request, e, pk), request.flow_key)
-                if spec is None:
+                if spec is None and owner is not None and owner.accepts(run.pipeline):
+                    mine.append(run)
+                    sources[(run.rule, run.trigger_key)] = e.event
+                elif spec is None:
                     plain.append(run)
                 else:
                     flowed.append((run, spec))
             folds += [(e, pk, rule, key, conds) for rule, key, conds in e.correlations]
         await tx.insert_runs(plain)
+        if owner is not None and mine:
+            for rid, run in await tx.insert_owned_runs(mine, owner.name, owner.lease_seconds):
+                owned.append(_claimed(rid, run, sources[(run.rule, run.trigger_key)]))
         for run, spec in flowed:
             await tx.add_flow_run(run, spec)
         if folds:
             await _fold(tx, rules, plan, folds)
         created = list(tx.created)
+        queued = tx.queued or tx.changed
+    owned.sort(key=lambda r: (-r.priority, r.id))
     return IngestResult(
         new_events=new_events,
         duplicate_events=len(events) - new_events,
         dead_letters=len(dead),
         run_ids=created,
+        owned=owned,
+        queued=queued,
+    )
+
+
+def _claimed(run_id: int, run: NewRun, event: CloudEvent) -> ClaimedRun:
+    """The run as a claim would have returned it."""
+    return ClaimedRun(
+        id=run_id,
+        rule=run.rule,
+        pipeline=run.pipeline,
+        priority=run.priority,
+        params=run.params,
+        event_ids=run.event_ids,
+        first_event_at=run.first_event_at,
+        traceparent=run.traceparent,
+        tracestate=run.tracestate,
+        links=[],
+        claims=1,
+        cancel_requested=False,
+        events=(event,),
     )
 
 

@@ -3,9 +3,10 @@
 Steps of many concurrent runs finish within milliseconds of each other; writing each
 attempt in its own transaction would make Postgres' commit rate the ceiling. The writer
 gathers attempts, outcomes and releases while a write is in flight and writes them in
-one transaction. Attempt records are not awaited (a step in flight at a crash runs again
-anyway); a run's outcome or release is awaited, so a run is reported finished only once
-its outcome and every attempt before it are durable.
+one transaction. Nothing a step does waits for it: a step in flight at a crash runs again
+anyway, and a run counts as finished (``on_finished``) only once its outcome and every
+attempt before it are durable; until then its lease is held and renewed like any other.
+:meth:`OutcomeWriter.room` bounds what may be queued.
 
 Writes are fenced by the lease: rows of runs this daemon no longer holds are refused,
 and ``on_lost`` is told, so a daemon that lost a run stops executing it.
@@ -14,8 +15,7 @@ and ``on_lost`` is told, so a daemon that lost a run stops executing it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 
 import anyio
 import anyio.lowlevel
@@ -31,10 +31,15 @@ __all__ = ["OutcomeWriter"]
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
-class _Waiter:
-    done: anyio.Event = field(default_factory=anyio.Event)
-    held: bool = False
+class _Flush:
+    """Completion of one write, awaited by the callers whose rows it carries."""
+
+    __slots__ = ("done", "held")
+
+    def __init__(self) -> None:
+        self.done = anyio.Event()
+        self.held: set[int] = set()
+        """Runs whose outcome or release the write recorded (the lease was still held)."""
 
 
 class OutcomeWriter:
@@ -46,17 +51,26 @@ class OutcomeWriter:
         *,
         on_lost: Callable[[int], None] = lambda _run_id: None,
         on_outbox: Callable[[], None] = lambda: None,
+        on_finished: Callable[[list[tuple[RunFinish, bool]]], None] = lambda _results: None,
+        max_pending: int = 2048,
     ) -> None:
+        """``on_finished`` receives, after each write, the outcomes it carried and whether
+        each was recorded (False: the lease had been lost). ``max_pending`` queued rows make
+        :meth:`room` wait for the write in flight."""
         self._store = store
         self._owner = owner
         self._health = health
         self._on_lost = on_lost
         self._on_outbox = on_outbox
+        self._on_finished = on_finished
+        self._max_pending = max_pending
         self._outbox: list[OutboxWrite] = []
         self._attempts: dict[tuple[int, str, int], AttemptWrite] = {}
-        self._finishes: dict[int, tuple[RunFinish, _Waiter]] = {}
-        self._releases: dict[int, _Waiter] = {}
+        self._finishes: dict[int, RunFinish] = {}
+        self._releases: set[int] = set()
         self._pending = anyio.Event()
+        self._next = _Flush()
+        """The write that will carry what is queued now."""
         self.flushes = 0
 
     def add_attempt(self, attempt: AttemptWrite) -> None:
@@ -69,21 +83,28 @@ class OutcomeWriter:
         self._outbox.append(event)
         self._pending.set()
 
-    async def finish(self, outcome: RunFinish) -> bool:
-        """Record a run's outcome durably; False if the lease had been lost."""
-        waiter = _Waiter()
-        self._finishes[outcome.run_id] = (outcome, waiter)
+    def finish(self, outcome: RunFinish) -> None:
+        """Queue a run's outcome, written with (after) every attempt queued before it;
+        ``on_finished`` reports it once durable."""
+        self._finishes[outcome.run_id] = outcome
         self._pending.set()
-        await waiter.done.wait()
-        return waiter.held
 
-    async def release(self, run_id: int) -> bool:
-        """Give a run back to the queue durably (after its attempts are written)."""
-        waiter = _Waiter()
-        self._releases[run_id] = waiter
+    async def release(self, run_ids: Iterable[int]) -> set[int]:
+        """Give runs back to the queue durably (after their attempts are written); returns
+        the ones still held."""
+        ids = set(run_ids)
+        if not ids:
+            return set()
+        self._releases |= ids
+        flush = self._next
         self._pending.set()
-        await waiter.done.wait()
-        return waiter.held
+        await flush.done.wait()
+        return ids & flush.held
+
+    async def room(self) -> None:
+        """Wait for the write in flight while too much is queued (backpressure on steps)."""
+        while len(self._attempts) + len(self._finishes) > self._max_pending:
+            await self._next.done.wait()
 
     @property
     def idle(self) -> bool:
@@ -97,13 +118,15 @@ class OutcomeWriter:
             await self.flush()
 
     async def flush(self) -> None:
-        """Write everything queued (retrying through outages), then wake the waiters."""
+        """Write everything queued (retrying through outages), then report and wake."""
         self._pending = anyio.Event()
+        flush, self._next = self._next, _Flush()
         attempts, self._attempts = self._attempts, {}
         finishes, self._finishes = self._finishes, {}
-        releases, self._releases = self._releases, {}
+        releases, self._releases = self._releases, set()
         outbox, self._outbox = self._outbox, []
         if not (attempts or finishes or releases or outbox):
+            flush.done.set()
             return
         retry = 0
         while True:
@@ -111,7 +134,7 @@ class OutcomeWriter:
                 lost, recorded = await self._store.record_outcomes(
                     self._owner,
                     list(attempts.values()),
-                    [f for f, _ in finishes.values()],
+                    list(finishes.values()),
                     list(releases),
                     outbox,
                 )
@@ -125,9 +148,7 @@ class OutcomeWriter:
             self._on_outbox()
         for run_id in lost:
             self._on_lost(run_id)
-        for run_id, (_, waiter) in finishes.items():
-            waiter.held = run_id in recorded
-            waiter.done.set()
-        for run_id, waiter in releases.items():
-            waiter.held = run_id in recorded
-            waiter.done.set()
+        flush.held = recorded
+        flush.done.set()
+        if finishes:
+            self._on_finished([(f, f.run_id in recorded) for f in finishes.values()])

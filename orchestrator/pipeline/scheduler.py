@@ -1,25 +1,35 @@
-"""Claims runnable runs from Postgres and executes them under a capacity limit.
+"""Executes runs under a capacity limit: runs the local intake created, and runs claimed
+from the shared queue in Postgres.
 
-Ownership: a run is claimed with ``FOR UPDATE SKIP LOCKED`` and a lease that a heartbeat
-renews. If the daemon dies, the lease expires and any daemon returns the run to the queue;
-the resumed run skips steps whose success is recorded and continues the same trace (its
-parent context is stored with the run).
+Ownership: a run is held with a lease that a heartbeat renews. The intake creates the
+simple runs it triggers already leased to this daemon and hands them over with their
+events (:meth:`Scheduler.adopt`); every other run (flow control, pipeline limits, retries,
+runs whose daemon died) is claimed with ``FOR UPDATE SKIP LOCKED``. If the daemon dies,
+the lease expires and any daemon returns the run to the queue; the resumed run skips steps
+whose success is recorded and continues the same trace (its parent context is stored with
+the run).
 
-Wake-ups are pushed, not polled: the local intake calls :meth:`Scheduler.wake`, other
-daemons' inserts arrive by LISTEN/NOTIFY, and a timer at a third of the lease covers
-expired leases.
+Execution: ``max_concurrent_runs`` worker tasks take runs from a local queue, so starting
+a run costs no task. Finished runs are written by the group-commit writer; a worker moves on
+without waiting for the write, and the run counts as finished once it is durable.
+
+Wake-ups are pushed, not polled: the local intake calls :meth:`Scheduler.wake` when it
+queued runs for any daemon, other daemons' inserts arrive by LISTEN/NOTIFY, and a timer at
+a third of the lease covers expired leases.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import anyio
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskStatus
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
@@ -34,6 +44,7 @@ from orchestrator.pipeline.records import RunOutcome, RunSpec, StepRecord
 from orchestrator.pipeline.retry import RetryPolicy
 from orchestrator.pipeline.runner import Runner
 from orchestrator.store import AttemptWrite, ClaimedRun, RunFinish, Store
+from orchestrator.store.batch import RunOwner
 from orchestrator.telemetry import Telemetry, context_from_traceparent
 
 __all__ = ["Scheduler"]
@@ -49,6 +60,8 @@ class _InFlight:
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     reason: StopReason | None = None
     first_step_seen: bool = False
+    finishing: bool = False
+    """Its outcome is queued for the writer; the run leaves once that is durable."""
 
 
 class _StoreRecorder:
@@ -136,12 +149,29 @@ class Scheduler:
         }
         self._connectors = connectors or {}
         self._inflight: dict[int, _InFlight] = {}
+        """Runs held here: queued, executing, or finished and not yet durable."""
+        self._queue: deque[_InFlight] = deque()
+        """Runs held here that no worker has started."""
+        self._busy = 0
+        """Workers executing a run."""
+        self._work = anyio.Event()
+        self._room = anyio.Event()
+        self._room.set()
         self._wake = anyio.Event()
+        self._more = True
+        """The shared queue may hold runs for us: a claim is worth making."""
         self._claiming = True
         self._idle = anyio.Event()
         self._idle.set()
         self.publish_topic = publish_topic
-        self.writer = OutcomeWriter(store, owner, health, on_lost=self._lost, on_outbox=on_outbox)
+        self.writer = OutcomeWriter(
+            store,
+            owner,
+            health,
+            on_lost=self._lost,
+            on_outbox=on_outbox,
+            on_finished=self._finished,
+        )
         self._runner = Runner(
             _StoreRecorder(self),
             tracer=telemetry.tracer,
@@ -149,17 +179,40 @@ class Scheduler:
             default_timeout=settings.default_step_timeout,
             default_retry=RetryPolicy(max_attempts=settings.default_retries + 1),
         )
+        self._recording = telemetry.recording
         self.completed = 0
+        telemetry.instruments.observe_in_flight(self._in_flight_by_pipeline)
 
     # -- control ------------------------------------------------------------------------
 
+    @property
+    def run_owner(self) -> RunOwner:
+        """How the local intake creates runs for this scheduler (see :meth:`adopt`)."""
+        return RunOwner(
+            name=self.owner,
+            lease_seconds=self._settings.lease_seconds,
+            accepts=lambda p: p in self._pipelines and p not in self._pipeline_limits,
+        )
+
+    def adopt(self, runs: Sequence[ClaimedRun]) -> None:
+        """Execute runs the local intake created leased to this daemon."""
+        for run in runs:
+            self._enqueue(run)
+
+    async def room(self) -> None:
+        """Return once fewer runs wait for a worker than there are workers."""
+        while len(self._queue) >= self._settings.max_concurrent_runs:
+            self._room = anyio.Event()
+            await self._room.wait()
+
     def wake(self) -> None:
-        """New runs may be waiting: claim now rather than at the next timer."""
+        """New runs may be waiting in the shared queue: claim now, not at the next timer."""
+        self._more = True
         self._wake.set()
 
     def cancel_run(self, run_id: int, reason: StopReason = "cancelled") -> bool:
         inflight = self._inflight.get(run_id)
-        if inflight is None:
+        if inflight is None or inflight.finishing:
             return False
         if inflight.reason is None:
             inflight.reason = reason
@@ -170,12 +223,27 @@ class Scheduler:
     def in_flight(self) -> int:
         return len(self._inflight)
 
+    def _in_flight_by_pipeline(self) -> Iterable[tuple[str, int]]:
+        counts = Counter(i.run.pipeline for i in self._inflight.values() if not i.finishing)
+        for pipeline in self._pipelines:
+            counts.setdefault(pipeline, 0)
+        return counts.items()
+
     async def drain(self, grace: float) -> int:
-        """Stop claiming; let in-flight runs finish for ``grace`` seconds, then interrupt the
-        rest (recorded as interrupted and returned to the queue). Returns how many were
-        interrupted. Safe to call twice."""
+        """Stop claiming and give back the runs no worker started; let the executing runs
+        finish for ``grace`` seconds, then interrupt the rest (recorded as interrupted and
+        returned to the queue). Returns how many were interrupted. Safe to call twice."""
         self._claiming = False
         self._wake.set()
+        waiting = [i for i in self._queue]
+        self._queue.clear()
+        self._room.set()
+        if waiting:
+            with anyio.move_on_after(10, shield=True):
+                await self.writer.release(i.run.id for i in waiting)
+            for i in waiting:
+                self._forget(i)
+            log.info("returned %d runs not yet started to the queue", len(waiting))
         with anyio.move_on_after(grace):
             await self._idle.wait()
         interrupted = 0
@@ -191,29 +259,69 @@ class Scheduler:
             log.warning("run %d: lease lost to another daemon; stopping it here", run_id)
             self.cancel_run(run_id, "lost")
 
+    def _enqueue(self, run: ClaimedRun) -> None:
+        inflight = _InFlight(run)
+        self._inflight[run.id] = inflight
+        self._queue.append(inflight)
+        if self._idle.is_set():
+            self._idle = anyio.Event()
+        self._work.set()
+
+    def _forget(self, inflight: _InFlight) -> None:
+        run_id = inflight.run.id
+        if self._inflight.get(run_id) is inflight:  # not a newer claim of the same run
+            del self._inflight[run_id]
+        if not self._inflight:
+            self._idle.set()
+
     # -- loops --------------------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._heartbeat_loop)
             await tg.start(self.writer.run)
-            task_status.started()
-            await self._claim_loop(tg)
-            # Claiming stopped: wait for the runs still executing, write what they recorded,
-            # then stop the heartbeat and the writer.
-            await self._idle.wait()
+            async with anyio.create_task_group() as workers:
+                for _ in range(self._settings.max_concurrent_runs):
+                    workers.start_soon(self._worker)
+                task_status.started()
+                await self._claim_loop()
+                # Claiming stopped: wait for the runs still executing and for their
+                # outcomes to be written, then stop the workers, heartbeat and writer.
+                await self._idle.wait()
+                workers.cancel_scope.cancel()
             with anyio.move_on_after(10, shield=True):
                 await self.writer.flush()
             tg.cancel_scope.cancel()
 
-    async def _claim_loop(self, tg: TaskGroup) -> None:
+    async def _worker(self) -> None:
+        queue = self._queue
+        while True:
+            if not queue:
+                if self._work.is_set():
+                    self._work = anyio.Event()
+                await self._work.wait()
+                continue
+            inflight = queue.popleft()
+            if len(queue) < self._settings.max_concurrent_runs:
+                self._room.set()
+            self._busy += 1
+            try:
+                await self._execute(inflight)
+            finally:
+                self._busy -= 1
+            if self._more:
+                self._wake.set()  # a worker is free and the shared queue may hold more
+            await self.writer.room()
+
+    async def _claim_loop(self) -> None:
         attempt = 0
         while self._claiming:
             self._wake = anyio.Event()  # before looking: a wake-up from now on is not lost
-            free = self._settings.max_concurrent_runs - len(self._inflight)
+            free = self._settings.max_concurrent_runs - self._busy - len(self._queue)
             claimed: list[ClaimedRun] = []
             wait = self._settings.lease_seconds / 3
-            if free > 0:
+            if free > 0 and self._more:
+                self._more = False
                 try:
                     claimed = await self._store.claim_runs(
                         self.owner,
@@ -225,6 +333,7 @@ class Scheduler:
                     if self._flow and len(claimed) < free:
                         wait = await self._until_due(wait)
                 except StoreError as exc:
+                    self._more = True
                     self._health.set("postgres", False, str(exc))
                     await anyio.sleep(backoff_delay(attempt))
                     attempt += 1
@@ -232,17 +341,23 @@ class Scheduler:
                 attempt = 0
                 self._health.set("postgres", True)
                 for run in claimed:
-                    self._inflight[run.id] = _InFlight(run)
-                    self._idle = anyio.Event() if self._idle.is_set() else self._idle
-                    tg.start_soon(self._execute, self._inflight[run.id])
+                    self._enqueue(run)
                 if len(claimed) == free:
-                    continue  # the queue may hold more
+                    self._more = True  # the queue may hold more
+                    continue
+            elif free > 0 and self._flow:
+                wait = await self._until_due(wait)
             with anyio.move_on_after(wait):
                 await self._wake.wait()
+            if not self._wake.is_set():
+                self._more = True  # the timer: look again (expired leases, due runs)
 
     async def _until_due(self, longest: float) -> float:
         """Seconds until the next debounced/batched run or deadline comes due."""
-        due = await self._store.next_due()
+        try:
+            due = await self._store.next_due()
+        except StoreError:
+            return longest
         if due is None:
             return longest
         return max(0.0, min(longest, (due - datetime.now(UTC)).total_seconds() + 0.005))
@@ -263,6 +378,8 @@ class Scheduler:
                 if run_id not in self._inflight:
                     continue
                 if run_id not in held:
+                    if self._inflight[run_id].finishing:
+                        continue  # its outcome was written meanwhile
                     log.warning("run %d: lease lost to another daemon; stopping it here", run_id)
                     self.cancel_run(run_id, "lost")
                 elif held[run_id]:
@@ -287,21 +404,26 @@ class Scheduler:
 
     async def _execute(self, inflight: _InFlight) -> None:
         run = inflight.run
-        inst = self._tel.instruments
-        inst.runs_in_flight.add(1, {"pipeline": run.pipeline})
         try:
-            await self._execute_traced(inflight)
+            if self._recording:
+                await self._execute_traced(inflight)
+            else:
+                # No span to record: the steps run in the triggering event's trace context,
+                # so what they announce or call still carries it.
+                token = otel_context.attach(
+                    context_from_traceparent(run.traceparent, run.tracestate)
+                )
+                try:
+                    await self._execute_in(inflight, trace.INVALID_SPAN)
+                finally:
+                    otel_context.detach(token)
         except Exception:
             log.exception("run %d: internal error; returning it to the queue", run.id)
             with anyio.move_on_after(5, shield=True):
                 await self._store.release_run(run.id, self.owner)
-        finally:
-            inst.runs_in_flight.add(-1, {"pipeline": run.pipeline})
-            if self._inflight.get(run.id) is inflight:  # not a newer claim of the same run
-                del self._inflight[run.id]
-            if not self._inflight:
-                self._idle.set()
-            self.wake()
+            inflight.finishing = False
+        if not inflight.finishing:
+            self._forget(inflight)
 
     async def _execute_traced(self, inflight: _InFlight) -> None:
         run = inflight.run
@@ -310,8 +432,7 @@ class Scheduler:
             Link(trace.get_current_span(context_from_traceparent(tp)).get_span_context())
             for tp in run.links
         ]
-        tracer = self._tel.tracer
-        with tracer.start_as_current_span(
+        with self._tel.tracer.start_as_current_span(
             f"run {run.pipeline}",
             context=parent,
             kind=SpanKind.INTERNAL,
@@ -323,77 +444,90 @@ class Scheduler:
                 "orchestrator.claims": run.claims,
             },
         ) as span:
-            pipeline = self._pipelines.get(run.pipeline)
-            if pipeline is None:
-                error = (
-                    f"pipeline {run.pipeline!r} is not loaded by this daemon (rule {run.rule!r})"
-                )
-                span.set_status(Status(StatusCode.ERROR, error))
-                await self._finish(run, "failed", None, error)
-                return
-            if run.cancel_requested:
-                await self._finish(run, "cancelled", None, "cancelled by operator")
-                return
-            completed: Mapping[str, bytes] = {}
-            prior: Mapping[str, int] = {}
-            if run.claims > 1:  # resumed: skip what succeeded, continue attempt numbering
-                completed, prior = await self._retry(lambda: self._store.resume_state(run.id))
-            spec = RunSpec(
-                run_id=run.id,
-                pipeline=pipeline,
-                events=run.events,
-                params=run.params,
-                completed=completed,
-                prior_attempts=prior,
-                connectors=self._connectors,
-            )
-            outcome: RunOutcome | None = None
-            with inflight.scope:
-                try:
-                    pipeline.validate()
-                except PipelineError as exc:
-                    span.set_status(Status(StatusCode.ERROR, str(exc)))
-                    await self._finish(run, "failed", None, str(exc))
-                    return
-                outcome = await self._runner.execute(
-                    spec,
-                    cancel_status=lambda: (
-                        "interrupted" if inflight.reason == "interrupted" else "cancelled"
-                    ),
-                )
-            if outcome is None or inflight.scope.cancelled_caught:
-                reason = inflight.reason or "interrupted"
-                span.set_attribute("orchestrator.stopped", reason)
-                if reason == "cancelled":
-                    await self._finish(run, "cancelled", None, "cancelled by operator")
-                elif reason == "interrupted":
-                    with anyio.move_on_after(10, shield=True):
-                        await self.writer.release(run.id)
-                    log.info("run %d interrupted by shutdown; queued to resume", run.id)
-                return
-            if outcome.status == "failed":
-                span.set_status(Status(StatusCode.ERROR, outcome.error or "failed"))
-            await self._finish(run, outcome.status, outcome.failed_step, outcome.error)
+            await self._execute_in(inflight, span)
 
-    async def _finish(
-        self, run: ClaimedRun, status: str, failed_step: str | None, error: str | None
+    async def _execute_in(self, inflight: _InFlight, span: trace.Span) -> None:
+        run = inflight.run
+        pipeline = self._pipelines.get(run.pipeline)
+        if pipeline is None:
+            error = f"pipeline {run.pipeline!r} is not loaded by this daemon (rule {run.rule!r})"
+            span.set_status(Status(StatusCode.ERROR, error))
+            self._finish(inflight, "failed", None, error)
+            return
+        if run.cancel_requested:
+            self._finish(inflight, "cancelled", None, "cancelled by operator")
+            return
+        completed: Mapping[str, bytes] = {}
+        prior: Mapping[str, int] = {}
+        if run.claims > 1:  # resumed: skip what succeeded, continue attempt numbering
+            completed, prior = await self._retry(lambda: self._store.resume_state(run.id))
+        spec = RunSpec(
+            run_id=run.id,
+            pipeline=pipeline,
+            events=run.events,
+            params=run.params,
+            completed=completed,
+            prior_attempts=prior,
+            connectors=self._connectors,
+        )
+        outcome: RunOutcome | None = None
+        with inflight.scope:
+            try:
+                pipeline.validate()
+            except PipelineError as exc:
+                span.set_status(Status(StatusCode.ERROR, str(exc)))
+                self._finish(inflight, "failed", None, str(exc))
+                return
+            outcome = await self._runner.execute(
+                spec,
+                cancel_status=lambda: (
+                    "interrupted" if inflight.reason == "interrupted" else "cancelled"
+                ),
+            )
+        if outcome is None or inflight.scope.cancelled_caught:
+            reason = inflight.reason or "interrupted"
+            span.set_attribute("orchestrator.stopped", reason)
+            if reason == "cancelled":
+                self._finish(inflight, "cancelled", None, "cancelled by operator")
+            elif reason == "interrupted":
+                with anyio.move_on_after(10, shield=True):
+                    await self.writer.release([run.id])
+                log.info("run %d interrupted by shutdown; queued to resume", run.id)
+            return
+        if outcome.status == "failed":
+            span.set_status(Status(StatusCode.ERROR, outcome.error or "failed"))
+        self._finish(inflight, outcome.status, outcome.failed_step, outcome.error)
+
+    def _finish(
+        self, inflight: _InFlight, status: str, failed_step: str | None, error: str | None
     ) -> None:
-        held = False
-        with anyio.move_on_after(30, shield=True):
-            held = await self.writer.finish(
-                RunFinish(run_id=run.id, status=status, failed_step=failed_step, error=error)
-            )
-        if held:
+        """Queue the run's outcome; :meth:`_finished` hears when it is durable."""
+        inflight.finishing = True
+        self.writer.finish(
+            RunFinish(run_id=inflight.run.id, status=status, failed_step=failed_step, error=error)
+        )
+
+    def _finished(self, results: list[tuple[RunFinish, bool]]) -> None:
+        counts: Counter[tuple[str, str]] = Counter()
+        for outcome, held in results:
+            inflight = self._inflight.get(outcome.run_id)
+            if inflight is None or not inflight.finishing:
+                continue
+            run = inflight.run
+            self._forget(inflight)
+            if not held:
+                log.warning("run %d: finished here but its lease had been lost", run.id)
+                continue
             self.completed += 1
-            self._tel.instruments.runs.add(1, {"status": status, "pipeline": run.pipeline})
-            log.log(
-                logging.INFO if status != "succeeded" else logging.DEBUG,
-                "run %d %s (%s)%s",
-                run.id,
-                status,
-                run.pipeline,
-                f": {failed_step}: {error}" if error else "",
-                extra={"run_id": run.id},
-            )
-        else:
-            log.warning("run %d: finished here but its lease had been lost", run.id)
+            counts[(outcome.status, run.pipeline)] += 1
+            if outcome.status != "succeeded":
+                log.info(
+                    "run %d %s (%s)%s",
+                    run.id,
+                    outcome.status,
+                    run.pipeline,
+                    f": {outcome.failed_step}: {outcome.error}" if outcome.error else "",
+                    extra={"run_id": run.id},
+                )
+        for (status, pipeline), n in counts.items():
+            self._tel.instruments.runs.add(n, {"status": status, "pipeline": pipeline})

@@ -8,7 +8,8 @@ correlation state) are made by the caller.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
@@ -17,7 +18,7 @@ import msgspec
 
 from orchestrator.store.records import DeadLetter, IncomingEvent
 
-__all__ = ["FlowSpec", "IngestTx", "NewRun", "columns"]
+__all__ = ["FlowSpec", "IngestTx", "NewRun", "RunOwner", "columns"]
 
 _json = msgspec.json.Encoder()
 
@@ -42,6 +43,23 @@ class NewRun(msgspec.Struct, frozen=True, kw_only=True):
     links: list[str] = []
     flow_key: str | None = None
     concurrency: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RunOwner:
+    """A daemon that executes the simple runs its own intake creates.
+
+    Such runs are inserted already claimed (status ``running``, a lease for ``name``) and
+    handed to the local scheduler with their events, instead of being queued, claimed and
+    loaded back. A run the daemon does not finish is returned to the queue when its lease
+    expires, like any claimed run.
+    """
+
+    name: str
+    lease_seconds: float
+    accepts: Callable[[str], bool]
+    """Whether a run of this pipeline may be taken this way (loaded here, no pipeline-wide
+    limit that only the shared claim can enforce)."""
 
 
 class FlowSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -80,6 +98,19 @@ ON CONFLICT (rule, trigger_key) DO NOTHING
 RETURNING id
 """
 
+# The same, created already claimed by the ingesting daemon (which executes them at once).
+_INSERT_OWNED_RUNS = """
+INSERT INTO runs (rule, trigger_key, pipeline, priority, params, event_ids, first_event_at,
+                  traceparent, tracestate, status, lease_owner, lease_expires_at, claims,
+                  started_at)
+SELECT r, k, p, pr, pa, ARRAY[e], fe, tp, ts, 'running', $10,
+       now() + make_interval(secs => $11), 1, now()
+FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::jsonb[], $6::bigint[],
+            $7::timestamptz[], $8::text[], $9::text[]) AS u(r, k, p, pr, pa, e, fe, tp, ts)
+ON CONFLICT (rule, trigger_key) DO NOTHING
+RETURNING id, rule, trigger_key
+"""
+
 _INSERT_ONE_RUN = """
 INSERT INTO runs (rule, trigger_key, pipeline, priority, params, event_ids, first_event_at,
                   traceparent, tracestate, links, flow_key, concurrency, collecting, not_before)
@@ -107,6 +138,8 @@ class IngestTx:
         self._conn = conn
         self._schema = schema
         self.created: list[int] = []
+        self.queued = False
+        """True when a pending run was created: a scheduler should look."""
         self.changed = False
         """True when a pending run changed (events appended): the scheduler should look."""
 
@@ -159,23 +192,23 @@ class IngestTx:
         """Bulk-create single-event runs without flow control."""
         if not runs:
             return []
-        cols = columns(
-            (
-                r.rule,
-                r.trigger_key,
-                r.pipeline,
-                r.priority,
-                _json.encode(r.params),
-                r.event_ids[0],
-                r.first_event_at,
-                r.traceparent,
-                r.tracestate,
-            )
-            for r in runs
-        )
-        ids = [r["id"] for r in await self._conn.fetch(_INSERT_RUNS, *cols)]
+        ids = [r["id"] for r in await self._conn.fetch(_INSERT_RUNS, *_run_columns(runs))]
         self.created += ids
+        self.queued = self.queued or bool(ids)
         return ids
+
+    async def insert_owned_runs(
+        self, runs: Sequence[NewRun], owner: str, lease_seconds: float
+    ) -> list[tuple[int, NewRun]]:
+        """Bulk-create single-event runs already claimed by ``owner`` with a lease, as a
+        claim would leave them; returns the runs that were new, with their ids."""
+        if not runs:
+            return []
+        rows = await self._conn.fetch(_INSERT_OWNED_RUNS, *_run_columns(runs), owner, lease_seconds)
+        by_key = {(r.rule, r.trigger_key): r for r in runs}
+        created = [(row["id"], by_key[(row["rule"], row["trigger_key"])]) for row in rows]
+        self.created += [rid for rid, _ in created]
+        return created
 
     async def add_flow_run(self, run: NewRun, flow: FlowSpec) -> int | None:
         """Create ``run`` under its rule's flow control, or fold it into a collecting run.
@@ -264,6 +297,7 @@ class IngestTx:
         )
         if rid is not None:
             self.created.append(rid)
+            self.queued = True
         return None if rid is None else int(rid)
 
     async def lock_correlations(
@@ -330,3 +364,20 @@ class IngestTx:
     async def now(self) -> datetime:
         value: datetime = await self._conn.fetchval("SELECT now()")
         return value
+
+
+def _run_columns(runs: Sequence[NewRun]) -> list[list[Any]]:
+    return columns(
+        (
+            r.rule,
+            r.trigger_key,
+            r.pipeline,
+            r.priority,
+            _json.encode(r.params),
+            r.event_ids[0],
+            r.first_event_at,
+            r.traceparent,
+            r.tracestate,
+        )
+        for r in runs
+    )

@@ -72,13 +72,6 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     reason: str
 
 
-class IngestResult(msgspec.Struct, frozen=True, kw_only=True):
-    new_events: int
-    duplicate_events: int
-    dead_letters: int
-    run_ids: list[int]
-
-
 class ClaimedRun(msgspec.Struct, frozen=True, kw_only=True):
     id: int
     rule: str
@@ -93,6 +86,18 @@ class ClaimedRun(msgspec.Struct, frozen=True, kw_only=True):
     cancel_requested: bool
     events: tuple[CloudEvent, ...] = ()
     """The triggering events, loaded with the claim (in ``event_ids`` order)."""
+    priority: int = 0
+
+
+class IngestResult(msgspec.Struct, frozen=True, kw_only=True):
+    new_events: int
+    duplicate_events: int
+    dead_letters: int
+    run_ids: list[int]
+    owned: list[ClaimedRun] = []
+    """Runs created already claimed by the ingesting daemon (see ``RunOwner``)."""
+    queued: bool = False
+    """Whether the batch created or changed runs any daemon may claim."""
 
 
 class RunRow(msgspec.Struct, frozen=True, kw_only=True):

@@ -38,7 +38,7 @@ _envelope_decoder = msgspec.json.Decoder(CloudEvent)
 _params_decoder = msgspec.json.Decoder(dict[str, Any])
 _json = msgspec.json.Encoder()
 
-_CLAIMED = """r.id, r.rule, r.pipeline, r.params, r.event_ids, r.first_event_at,
+_CLAIMED = """r.id, r.rule, r.pipeline, r.priority, r.params, r.event_ids, r.first_event_at,
     r.traceparent, r.tracestate, r.links, r.claims, r.cancel_requested,
     (SELECT coalesce(array_agg(e.envelope ORDER BY array_position(r.event_ids, e.id)), '{}')
      FROM events e WHERE e.id = ANY(r.event_ids)) AS envelopes"""
@@ -214,7 +214,7 @@ class Store:
         async with acquire(self.pool, "ingest") as conn, conn.transaction():
             tx = IngestTx(conn, self.schema)
             yield tx
-            if tx.created or tx.changed:
+            if tx.queued or tx.changed:
                 await conn.execute("SELECT pg_notify($1, '')", self.runs_channel)
 
     # -- run execution --------------------------------------------------------------------
