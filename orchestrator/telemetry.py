@@ -81,16 +81,27 @@ _TRACEPARENT = re.compile(r"^00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9
 def traceparent_from_headers(headers: KafkaHeaders) -> tuple[str | None, str | None]:
     """The producer's ``(traceparent, tracestate)`` from a record's headers, for a daemon
     that records no spans: its runs then continue the producer's span directly, and the
-    sampled flag travels on unchanged. An invalid or missing header gives ``(None, None)``."""
+    sampled flag travels on unchanged. A header the W3C propagator rejects gives
+    ``(None, None)``; the common version-00 header is taken as is, without a round trip."""
     parent = state = None
     for key, value in headers:
         if key == "traceparent" and value is not None:
             parent = value.decode("latin-1").strip()
         elif key == "tracestate" and value is not None:
             state = value.decode("latin-1").strip() or None
-    if parent is None or not _TRACEPARENT.match(parent):
+    if parent is None:
         return None, None
-    return parent, state
+    if _TRACEPARENT.match(parent):
+        return parent, state
+    # Anything else (a future version, odd spacing): as the propagator reads it.
+    ctx = trace.get_current_span(extract_headers(headers)).get_span_context()
+    if not ctx.is_valid:
+        return None, None
+    carrier: dict[str, str] = {}
+    _propagator.inject(
+        carrier, context=trace.set_span_in_context(trace.NonRecordingSpan(ctx)), setter=_dict_setter
+    )
+    return carrier.get("traceparent"), carrier.get("tracestate")
 
 
 def context_from_traceparent(traceparent: str | None, tracestate: str | None = None) -> Context:

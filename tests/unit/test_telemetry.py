@@ -9,6 +9,8 @@ from orchestrator.telemetry import (
     context_from_traceparent,
     extract_headers,
     inject_headers,
+    records,
+    traceparent_from_headers,
     traceparent_of,
 )
 
@@ -66,3 +68,55 @@ def test_daemon_without_exporter_records_nothing_but_still_propagates() -> None:
 
 def test_publish_without_exporter_sends_a_sampled_context() -> None:
     assert _sampled_after_install(True) == "True sampled"
+
+
+def test_records_is_false_only_when_spans_are_never_recorded() -> None:
+    from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, TraceIdRatioBased
+
+    assert records(TracerProvider().get_tracer("t"))
+    assert records(TracerProvider(sampler=TraceIdRatioBased(0.001)).get_tracer("t"))
+    assert not records(TracerProvider(sampler=ALWAYS_OFF).get_tracer("t"))
+    assert not records(trace.NoOpTracer())
+
+
+def test_traceparent_from_headers_keeps_the_producers_context() -> None:
+    tracer = TracerProvider().get_tracer("t")
+    with tracer.start_as_current_span("publish") as span:
+        headers = [*inject_headers(), ("tracestate", b"vendor=1")]
+    parent, state = traceparent_from_headers(headers)
+    c = span.get_span_context()
+    assert parent == f"00-{c.trace_id:032x}-{c.span_id:016x}-{int(c.trace_flags):02x}"
+    assert state == "vendor=1"
+    # What the daemon later rebuilds from the stored value is the producer's span.
+    restored = trace.get_current_span(context_from_traceparent(parent, state))
+    assert restored.get_span_context().span_id == c.span_id
+
+
+def test_traceparent_from_headers_rejects_what_the_propagator_rejects() -> None:
+    bad = [
+        b"",
+        b"garbage",
+        b"00-00000000000000000000000000000000-0000000000000001-01",  # zero trace id
+        b"00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",  # zero span id
+        b"00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",  # upper case
+        b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",  # 00 has 4 parts
+    ]
+    for value in bad:
+        assert traceparent_from_headers([("traceparent", value)]) == (None, None), value
+        assert (
+            not trace.get_current_span(extract_headers([("traceparent", value)]))
+            .get_span_context()
+            .is_valid
+        )
+    assert traceparent_from_headers([]) == (None, None)
+    # A future version is read as the propagator reads it, and stored as version 00.
+    future = b"cc-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-whatever"
+    assert traceparent_from_headers([("traceparent", future)]) == (
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        None,
+    )
+    good = b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    assert traceparent_from_headers([("other", b"x"), ("traceparent", good)]) == (
+        good.decode(),
+        None,
+    )

@@ -1,0 +1,188 @@
+"""Runs the intake creates are leased to the ingesting daemon and executed there at once;
+the intake fetches no more while they wait; a stopping daemon gives back what it did not
+start. Also: without an exporter, the producer's trace context is carried as is."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+from orchestrator import Pipeline, StepContext, new_arrival
+from orchestrator.kafka import open_producer, publish_event
+from orchestrator.telemetry import Telemetry
+from orchestrator.triggers import Rule, RuleSet
+from tests.conftest import PgSchema
+from tests.support.helpers import Traced, fetch, make_settings, running_daemon, wait_for
+
+pytestmark = pytest.mark.anyio
+
+RULES = RuleSet.build(
+    [Rule(name="gate", pipeline="gated", match={"data": {"dataset": ["local.feed"]}})]
+)
+
+
+TRACER = trace.NoOpTracer()
+
+
+class Gate:
+    """A pipeline whose step waits until the test opens the gate."""
+
+    def __init__(self) -> None:
+        self.open = anyio.Event()
+        self.started: list[int] = []
+        self.pipeline = Pipeline("gated")
+
+        @self.pipeline.step()
+        async def wait(ctx: StepContext) -> int:
+            self.started.append(ctx.run_id)
+            await self.open.wait()
+            return ctx.run_id
+
+
+async def count(dsn: str, schema: str, query: str) -> int:
+    return int((await fetch(dsn, schema, query))[0]["n"])
+
+
+async def test_without_an_exporter_runs_continue_the_producers_trace_context(
+    kafka_bootstrap: str, topic: str, pg_dsn: str, pg_schema: PgSchema
+) -> None:
+    seen: list[trace.SpanContext] = []
+    pipeline = Pipeline("gated")
+
+    @pipeline.step()
+    async def look(ctx: StepContext) -> None:
+        seen.append(trace.get_current_span().get_span_context())
+
+    quiet = Telemetry.from_providers(TracerProvider(sampler=ALWAYS_OFF), MeterProvider())
+    assert not quiet.recording
+    producer_side = Traced()  # records: the producer's span is sampled
+    assert producer_side.telemetry.recording
+    traced = Traced()
+    traced.telemetry = quiet
+    settings = make_settings(kafka_bootstrap, topic, pg_dsn, pg_schema.name)
+    async with running_daemon(settings, {"gated": pipeline}, RULES, traced):
+        async with open_producer(settings) as producer:
+            event = new_arrival("local.feed", partition="p1")
+            await publish_event(producer, topic, event, producer_side.telemetry.tracer)
+
+        async def done() -> int:
+            return await count(
+                pg_dsn, pg_schema.name, "SELECT count(*) AS n FROM runs WHERE status='succeeded'"
+            )
+
+        await wait_for(done, what="the run to succeed")
+
+    (publish,) = producer_side.spans.get_finished_spans()
+    c = publish.context
+    assert c.trace_flags.sampled
+    expected = f"00-{c.trace_id:032x}-{c.span_id:016x}-{int(c.trace_flags):02x}"
+    (run,) = await fetch(pg_dsn, pg_schema.name, "SELECT * FROM runs")
+    (stored,) = await fetch(pg_dsn, pg_schema.name, "SELECT traceparent FROM events")
+    assert run["traceparent"] == stored["traceparent"] == expected
+    (ctx,) = seen
+    assert ctx.trace_id == publish.context.trace_id
+    assert ctx.span_id == publish.context.span_id  # no span of our own in between
+
+
+async def test_intake_runs_are_leased_here_and_intake_waits_while_they_queue(
+    kafka_bootstrap: str, topic: str, pg_dsn: str, pg_schema: PgSchema
+) -> None:
+    gate = Gate()
+    settings = make_settings(
+        kafka_bootstrap,
+        topic,
+        pg_dsn,
+        pg_schema.name,
+        kafka={"max_batch": 5},
+        runner={"max_concurrent_runs": 2, "lease_seconds": 6},
+    )
+    events = 60
+    async with running_daemon(settings, {"gated": gate.pipeline}, RULES, Traced(), owner="d1"):
+        async with open_producer(settings) as producer:
+            for i in range(events):
+                await publish_event(
+                    producer, topic, new_arrival("local.feed", partition=str(i)), TRACER
+                )
+
+        async def two_started() -> bool:
+            return len(gate.started) == 2
+
+        await wait_for(two_started, what="both workers to start a run")
+        # Created claimed by the ingesting daemon, in the intake's transaction.
+        held = await fetch(
+            pg_dsn,
+            pg_schema.name,
+            "SELECT status, lease_owner, claims, started_at = created_at AS at_once FROM runs",
+        )
+        assert held
+        assert {(r["status"], r["lease_owner"], r["claims"], r["at_once"]) for r in held} == {
+            ("running", "d1", 1, True)
+        }
+        # Backpressure: with both workers busy the intake stops fetching, so the backlog
+        # stays in Kafka instead of piling up as runs (2 executing + a batch of 5 queued).
+        await anyio.sleep(1.0)
+        stored = await count(pg_dsn, pg_schema.name, "SELECT count(*) AS n FROM events")
+        assert stored <= 2 + 5 + 5, f"{stored} of {events} events ingested while workers blocked"
+
+        gate.open.set()
+
+        async def all_done() -> bool:
+            n = await count(
+                pg_dsn, pg_schema.name, "SELECT count(*) AS n FROM runs WHERE status='succeeded'"
+            )
+            return n == events
+
+        await wait_for(all_done, within=60, what="every run to succeed")
+    assert len(set(gate.started)) == events
+
+
+async def test_a_stopping_daemon_returns_runs_it_did_not_start(
+    kafka_bootstrap: str,
+    topic: str,
+    pg_dsn: str,
+    pg_schema: PgSchema,
+    kafka_group_settings: dict[str, int],
+) -> None:
+    gate = Gate()
+    settings = make_settings(
+        kafka_bootstrap,
+        topic,
+        pg_dsn,
+        pg_schema.name,
+        kafka={"max_batch": 10, **kafka_group_settings},
+        runner={"max_concurrent_runs": 2, "lease_seconds": 30, "shutdown_grace_seconds": 0.5},
+    )
+    async with running_daemon(settings, {"gated": gate.pipeline}, RULES, Traced(), owner="d1"):
+        async with open_producer(settings) as producer:
+            for i in range(10):
+                await publish_event(
+                    producer, topic, new_arrival("local.feed", partition=str(i)), TRACER
+                )
+
+        async def queued() -> bool:
+            n = await count(pg_dsn, pg_schema.name, "SELECT count(*) AS n FROM runs")
+            return len(gate.started) == 2 and n > 2
+
+        await wait_for(queued, what="two runs executing and more queued")
+        created = await count(pg_dsn, pg_schema.name, "SELECT count(*) AS n FROM runs")
+    # Shutdown: queued runs given back at once, the two executing ones interrupted after the
+    # grace; all are pending with no lease, long before their 30 s leases would expire.
+    rows = await fetch(pg_dsn, pg_schema.name, "SELECT status, lease_owner FROM runs")
+    assert len(rows) == created
+    assert {(r["status"], r["lease_owner"]) for r in rows} == {("pending", None)}
+    assert len(gate.started) == 2
+
+    gate.open.set()
+    async with running_daemon(settings, {"gated": gate.pipeline}, RULES, Traced(), owner="d2"):
+
+        async def all_done() -> bool:
+            n = await count(
+                pg_dsn, pg_schema.name, "SELECT count(*) AS n FROM runs WHERE status='succeeded'"
+            )
+            return n == 10
+
+        await wait_for(all_done, within=60, what="the second daemon to finish every run")
