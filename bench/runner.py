@@ -15,6 +15,7 @@ Prints µs of CPU and of wall time per run (best of ``--repeat``) and runs/s, an
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -40,18 +41,32 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class ListRecorder:
-    """Appends every call to a list, like the daemon's recorder handing rows to its writer."""
+    """Appends every call to a list, like the daemon's recorder handing rows to its writer;
+    the list is emptied every ``FLUSH`` rows, as the writer's batches are."""
+
+    FLUSH = 512
 
     def __init__(self) -> None:
         self.rows: list[Any] = []
+        self.count = 0
+
+    def _add(self, row: Any) -> None:
+        rows = self.rows
+        rows.append(row)
+        if len(rows) >= self.FLUSH:
+            self.count += len(rows)
+            rows.clear()
 
     async def step_started(
         self, run_id: int, step: str, attempt: int, started_at: datetime
     ) -> None:
-        self.rows.append((run_id, step, attempt, "running", started_at))
+        self._add((run_id, step, attempt, "running", started_at))
 
     async def step_finished(self, record: StepRecord) -> None:
-        self.rows.append(record)
+        self._add(record)
+
+    def total(self) -> int:
+        return self.count + len(self.rows)
 
 
 def chain(steps: int) -> Pipeline:
@@ -63,7 +78,7 @@ def chain(steps: int) -> Pipeline:
             return 1
 
         name = f"s{i}"
-        p.step(fn, name=name, depends_on=[previous] if previous else [])
+        p.step(name=name, depends_on=[previous] if previous else [])(fn)
         previous = name
     p.validate()
     return p
@@ -79,6 +94,7 @@ async def measure(
         for i in range(runs)
     ]
     todo = iter(specs)
+    gc.collect()
 
     async def worker() -> None:
         for spec in todo:
@@ -106,9 +122,10 @@ async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
         best_cpu = best_wall = float("inf")
         for _ in range(args.repeat):
             recorder.rows.clear()
+            recorder.count = 0
             cpu, wall = await measure(runner, tracer, pipeline, args.runs, args.concurrency)
             best_cpu, best_wall = min(best_cpu, cpu), min(best_wall, wall)
-        assert len(recorder.rows) == 2 * steps * args.runs
+        assert recorder.total() == 2 * steps * args.runs
         row = {
             "steps": steps,
             "runs": args.runs,

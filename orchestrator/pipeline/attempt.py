@@ -5,16 +5,21 @@ timeout inside a ``step <name>`` span, and is retried by the step's :class:`Retr
 When cancellation reaches an attempt in flight, it is recorded under a shielded, bounded
 call with the status the execution chooses (``cancelled``, ``interrupted``, or ``failed``
 when the run timed out), then the cancellation propagates.
+
+An attempt whose timeout would end after the run's own deadline gets no cancel scope of its
+own: the run's fires first, and the attempt is recorded ``failed`` for the run's timeout.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 import traceback
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -65,6 +70,12 @@ _TRACEBACK_FRAMES = 3
 
 _log = logging.getLogger(__name__)
 _encoder = msgspec.json.Encoder()
+_monotonic = time.monotonic
+"""Times attempts for the duration histogram."""
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+_DURATION_ATTRIBUTES: dict[tuple[str, str, str], Mapping[str, str]] = {}
+"""Histogram attributes by (pipeline, step, status), shared by every attempt."""
+_DURATION_ATTRIBUTES_LIMIT = 10_000
 
 Call = Callable[[StepContext], Awaitable[Any]]
 """Calls the step function with the context and its prepared inputs."""
@@ -103,6 +114,19 @@ class Attempts:
         self.parent = otel_context.get_current()
         self.stop_status = stop_status
         self.stopping = stopping
+        self._events = tuple(spec.events)
+        self._params = _frozen(spec.params)
+        self._connectors = _frozen(spec.connectors)
+        parent_span = trace.get_current_span(self.parent)
+        self.quiet_span: trace.Span | None = (
+            parent_span
+            if _never_records(runner.tracer) and not parent_span.is_recording()
+            else None
+        )
+        """When the tracer records no span: the span that attempts run under instead of
+        one of their own (the parent's, which stays current); else ``None``."""
+        self.deadline = math.inf
+        """The run's deadline (``anyio.current_time()`` clock), set once its scope exists."""
 
     def where(self, label: str) -> str:
         return f"run {self.spec.run_id} pipeline {self.pipeline!r} step {label!r}"
@@ -115,15 +139,16 @@ class Attempts:
         span: trace.Span,
         index: int | None = None,
     ) -> StepContext:
-        return StepContext.create(
+        """The attempt's context; ``upstream`` must be read-only already (not copied)."""
+        return StepContext(
             run_id=self.spec.run_id,
             pipeline=self.pipeline,
             step=label,
             attempt=attempt,
-            events=self.spec.events,
-            params=self.spec.params,
+            events=self._events,
+            params=self._params,
             upstream=upstream,
-            connectors=self.spec.connectors,
+            connectors=self._connectors,
             span=span,
             map_index=index,
         )
@@ -185,72 +210,94 @@ class Attempts:
         """One recorded, traced attempt of ``call`` under the step's timeout."""
         runner, run_id = self.runner, self.spec.run_id
         started_at = runner.clock()
-        t0 = anyio.current_time()
+        t0 = _monotonic()
         try:
             await runner.recorder.step_started(run_id, label, attempt, started_at)
         except anyio.get_cancelled_exc_class():
             await self._record_stopped(step.name, label, attempt, started_at, t0)
             raise
-        attributes = self.attributes(label, attempt)
-        if index is not None:
-            attributes[ATTR_INDEX] = index
-        if skipped:
-            attributes[ATTR_SKIPPED] = True
-        result: Succeeded | Failed
-        with runner.tracer.start_as_current_span(
-            f"step {label}",
-            context=self.parent if parent is None else parent,
-            kind=trace.SpanKind.INTERNAL,
-            attributes=attributes,
-            record_exception=False,
-            set_status_on_exception=False,
-        ) as span:
-            ctx = self.context(label, attempt, upstream, span, index)
-            try:
-                value = await self._call(step, label, ctx, call)
-                output = _encode(label, value)
-            except anyio.get_cancelled_exc_class():
-                status, error = await self._record_stopped(
-                    step.name, label, attempt, started_at, t0
-                )
-                span.set_attribute(ATTR_STATUS, status)
-                if status == "failed":
-                    span.set_status(trace.Status(trace.StatusCode.ERROR, error))
-                raise
-            except Exception as exc:
-                error = describe(exc)
-                span.record_exception(exc)
-                span.set_status(trace.Status(trace.StatusCode.ERROR, error.partition("\n")[0]))
-                span.set_attribute(ATTR_STATUS, "failed")
-                result = Failed(exc, error)
-                record = self.record(label, attempt, "failed", started_at, error=error)
-            else:
-                span.set_attribute(ATTR_STATUS, "succeeded")
-                result = Succeeded(value, output)
-                record = self.record(
-                    label,
-                    attempt,
-                    "succeeded",
-                    started_at,
-                    output=output,
-                    skipped=skipped,
-                    emitted=tuple(ctx.emitted),
+        quiet = self.quiet_span
+        if quiet is not None:  # no span to start: the current one stands in
+            span = quiet if parent is None else trace.get_current_span(parent)
+            result, record = await self._run(
+                step, label, attempt, call, upstream, span, started_at, t0, index, skipped
+            )
+        else:
+            attributes = self.attributes(label, attempt)
+            if index is not None:
+                attributes[ATTR_INDEX] = index
+            if skipped:
+                attributes[ATTR_SKIPPED] = True
+            with runner.tracer.start_as_current_span(
+                f"step {label}",
+                context=self.parent if parent is None else parent,
+                kind=trace.SpanKind.INTERNAL,
+                attributes=attributes,
+                record_exception=False,
+                set_status_on_exception=False,
+            ) as span:
+                result, record = await self._run(
+                    step, label, attempt, call, upstream, span, started_at, t0, index, skipped
                 )
         self.observe(step.name, record.status, t0)
         await self.finished(record)
         return result
 
+    async def _run(
+        self,
+        step: Step,
+        label: str,
+        attempt: int,
+        call: Call,
+        upstream: Mapping[str, Any],
+        span: trace.Span,
+        started_at: datetime,
+        t0: float,
+        index: int | None,
+        skipped: bool,
+    ) -> tuple[Succeeded | Failed, StepRecord]:
+        """Call the step in ``span``; the outcome and its record (cancellation propagates)."""
+        ctx = self.context(label, attempt, upstream, span, index)
+        try:
+            value = await self._call(step, label, ctx, call)
+            output = _encode(label, value)
+        except anyio.get_cancelled_exc_class():
+            status, error = await self._record_stopped(step.name, label, attempt, started_at, t0)
+            span.set_attribute(ATTR_STATUS, status)
+            if status == "failed":
+                span.set_status(trace.Status(trace.StatusCode.ERROR, error))
+            raise
+        except Exception as exc:
+            error = describe(exc)
+            span.record_exception(exc)
+            span.set_status(trace.Status(trace.StatusCode.ERROR, error.partition("\n")[0]))
+            span.set_attribute(ATTR_STATUS, "failed")
+            return Failed(exc, error), self.record(
+                label, attempt, "failed", started_at, error=error
+            )
+        span.set_attribute(ATTR_STATUS, "succeeded")
+        record = self.record(
+            label,
+            attempt,
+            "succeeded",
+            started_at,
+            output=output,
+            skipped=skipped,
+            emitted=tuple(ctx.emitted),
+        )
+        return Succeeded(value, output), record
+
     async def _call(self, step: Step, label: str, ctx: StepContext, call: Call) -> Any:
         timeout = step.timeout if step.timeout is not None else self.runner.default_timeout
         if timeout is None or math.isinf(timeout):
             return await call(ctx)
-        try:
-            with anyio.fail_after(timeout) as scope:
-                return await call(ctx)
-        except TimeoutError:
-            if scope.cancelled_caught:  # our deadline, not a TimeoutError from the step
-                raise TimeoutError(f"step {label!r} did not finish within {timeout:g}s") from None
-            raise
+        deadline = anyio.current_time() + timeout
+        if self.deadline < deadline:  # the run's own scope fires first: the attempt's is moot
+            return await call(ctx)
+        with anyio.CancelScope(deadline=deadline):
+            return await call(ctx)
+        # Only its deadline cancels this scope, and the scope swallowed that cancellation.
+        raise TimeoutError(f"step {label!r} did not finish within {timeout:g}s")
 
     def record(
         self,
@@ -318,8 +365,26 @@ class Attempts:
 
     def observe(self, step: str, status: StepStatus, t0: float) -> None:
         """Record the duration; ``step`` is the declared name (never an item's ``load[3]``)."""
-        attrs = {ATTR_PIPELINE: self.pipeline, ATTR_STEP: step, ATTR_STATUS: status}
-        self.runner.duration.record(max(anyio.current_time() - t0, 0.0), attrs)
+        key = (self.pipeline, step, status)
+        attrs = _DURATION_ATTRIBUTES.get(key)
+        if attrs is None:
+            attrs = {ATTR_PIPELINE: self.pipeline, ATTR_STEP: step, ATTR_STATUS: status}
+            if len(_DURATION_ATTRIBUTES) < _DURATION_ATTRIBUTES_LIMIT:
+                _DURATION_ATTRIBUTES[key] = attrs
+        self.runner.duration.record(max(_monotonic() - t0, 0.0), attrs)
+
+
+def _frozen(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
+    return MappingProxyType(dict(mapping)) if mapping else _EMPTY
+
+
+def _never_records(tracer: trace.Tracer) -> bool:
+    """Whether ``tracer`` records no span whatever the context: the API's no-op tracer, or
+    an SDK tracer whose sampler is ``ALWAYS_OFF``."""
+    if isinstance(tracer, trace.NoOpTracer):
+        return True
+    describe = getattr(getattr(tracer, "sampler", None), "get_description", None)
+    return callable(describe) and describe() == "AlwaysOffSampler"
 
 
 def _encode(step: str, value: Any) -> bytes:

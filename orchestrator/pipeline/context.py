@@ -35,8 +35,6 @@ class StepContext:
     """Parameters of the run (from the rule or the operator)."""
     upstream: Mapping[str, Any]
     """Outputs of every dependency, by step name."""
-    log: logging.LoggerAdapter[logging.Logger]
-    """Logger whose records carry ``run_id``, ``pipeline``, ``step`` and ``attempt``."""
     span: trace.Span
     """The span of this attempt (``step <name>``); add attributes or events to it."""
     connectors: Mapping[str, Any]
@@ -45,6 +43,27 @@ class StepContext:
     """The item's index in the mapped list, for an item of a mapped step; else ``None``."""
     emitted: list[Arrival] = field(default_factory=list)
     """Arrivals announced with :meth:`emit` during this attempt."""
+    _logger: logging.Logger | None = field(default=None, repr=False, compare=False)
+    """The logger behind :attr:`log`; ``None``: ``orchestrator.steps.<pipeline>``."""
+    _log: logging.LoggerAdapter[logging.Logger] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+
+    @property
+    def log(self) -> logging.LoggerAdapter[logging.Logger]:
+        """Logger whose records carry ``run_id``, ``pipeline``, ``step`` and ``attempt``."""
+        adapter = self._log
+        if adapter is None:
+            logger = self._logger or logging.getLogger(f"orchestrator.steps.{self.pipeline}")
+            extra = {
+                "run_id": self.run_id,
+                "pipeline": self.pipeline,
+                "step": self.step,
+                "attempt": self.attempt,
+            }
+            adapter = logging.LoggerAdapter(logger, extra)
+            object.__setattr__(self, "_log", adapter)  # built on first use, then kept
+        return adapter
 
     def emit(
         self,
@@ -102,7 +121,6 @@ class StepContext:
 
         Mappings are copied read-only; the logger defaults to ``orchestrator.steps.<pipeline>``.
         """
-        extra = {"run_id": run_id, "pipeline": pipeline, "step": step, "attempt": attempt}
         return cls(
             run_id=run_id,
             pipeline=pipeline,
@@ -111,12 +129,10 @@ class StepContext:
             events=tuple(events),
             params=_frozen(params),
             upstream=_frozen(upstream),
-            log=logging.LoggerAdapter(
-                logger or logging.getLogger(f"orchestrator.steps.{pipeline}"), extra
-            ),
             span=span,
             connectors=_frozen(connectors),
             map_index=map_index,
+            _logger=logger,
         )
 
 

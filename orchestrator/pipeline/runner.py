@@ -1,4 +1,9 @@
-"""Execute one run of a pipeline: its steps as a DAG of tasks in one task group.
+"""Execute one run of a pipeline: its steps as a DAG, concurrent ones as tasks of a task group.
+
+* When at most one step can be ready at a time (each pending step depends on the one before
+  it and none is mapped: a chain), the steps run one after the other in the task that called
+  :meth:`Runner.execute`, without a task group; otherwise each step that becomes ready
+  while another is too gets a task of its own.
 
 * Steps listed in ``RunSpec.completed`` are not run again; their stored outputs are decoded
   with the producing step's return annotation and passed on. So are items (``load[3]``) of
@@ -13,7 +18,11 @@
   recorded as ``load[3]``; then records its own output, the list of item outputs.
 * Each attempt is recorded (``step_started``, then ``step_finished``), runs under its
   timeout inside a ``step <name>`` span, and is retried by its :class:`RetryPolicy`
-  (:mod:`~orchestrator.pipeline.attempt`).
+  (:mod:`~orchestrator.pipeline.attempt`). When the tracer records no span at all (the
+  API's no-op tracer, or an SDK tracer whose sampler is ``ALWAYS_OFF``) no step span is
+  started: ``ctx.span`` is then the span current when :meth:`Runner.execute` was called
+  (non-recording), and that context stays current, so trace context injected by a step
+  still carries the run's trace.
 * A step (or item) that fails for good fails the run: nothing new starts, steps and items
   already running finish, and :class:`RunOutcome` names the step. Step exceptions never
   leave :meth:`Runner.execute`.
@@ -194,23 +203,40 @@ class _Execution:
         return self.attempts.where(step)
 
     async def run(self) -> RunOutcome:
-        pending = [name for name in self.plan.order if name not in self.spec.completed]
-        failed = self._load_completed(pending)
-        if failed is not None:
-            return failed
-        for name in pending:
-            self.waiting[name] = sum(
-                d not in self.spec.completed for d in self.plan.steps[name].depends_on
-            )
+        completed, steps = self.spec.completed, self.plan.steps
+        if completed:
+            pending = [name for name in self.plan.order if name not in completed]
+            failed = self._load_completed(pending)
+            if failed is not None:
+                return failed
+            for name in pending:
+                self.waiting[name] = sum(d not in completed for d in steps[name].depends_on)
+        else:
+            pending = list(self.plan.order)
+            for name in pending:
+                self.waiting[name] = len(steps[name].depends_on)
         timeout = self.spec.pipeline.timeout
-        deadline = math.inf if timeout is None else anyio.current_time() + timeout
         try:
-            with anyio.CancelScope(deadline=deadline) as self._scope:
-                async with anyio.create_task_group() as tg:
-                    self._tg = tg
-                    for name in pending:
-                        if self.waiting[name] == 0:
-                            self._start(name)
+            if not pending:
+                pass
+            elif _sequential(self.plan, pending):
+                # One step ready at a time: run them here, without a task group.
+                if timeout is None:
+                    await self._run_step(pending[0])
+                else:
+                    deadline = anyio.current_time() + timeout
+                    self.attempts.deadline = deadline
+                    with anyio.CancelScope(deadline=deadline) as self._scope:
+                        await self._run_step(pending[0])
+            else:
+                deadline = math.inf if timeout is None else anyio.current_time() + timeout
+                self.attempts.deadline = deadline
+                with anyio.CancelScope(deadline=deadline) as self._scope:
+                    async with anyio.create_task_group() as tg:
+                        self._tg = tg
+                        for name in pending:
+                            if self.waiting[name] == 0:
+                                self._start(name)
         except anyio.get_cancelled_exc_class():
             for err in self.aborts:
                 _log.error("run %s: recorder failed: %r", self.spec.run_id, err)
@@ -564,6 +590,19 @@ class _Item:
     upstream: Mapping[str, Any]
     parent: otel_context.Context
     """The context of the mapped step's span."""
+
+
+def _sequential(plan: Plan, pending: Sequence[str]) -> bool:
+    """Whether at most one of ``pending`` (in plan order) can be ready at any time: each
+    depends on the one before it, and none is mapped (its items run concurrently)."""
+    steps = plan.steps
+    previous: str | None = None
+    for name in pending:
+        step = steps[name]
+        if step.map_over is not None or (previous is not None and previous not in step.depends_on):
+            return False
+        previous = name
+    return True
 
 
 def _item_error(index: int, count: int, error: str) -> str:
