@@ -105,6 +105,18 @@ def traceparent_from_headers(headers: KafkaHeaders) -> tuple[str | None, str | N
 
 
 def context_from_traceparent(traceparent: str | None, tracestate: str | None = None) -> Context:
+    """The context a stored ``traceparent``/``tracestate`` pair describes (empty if invalid)."""
+    if traceparent is not None and not tracestate and _TRACEPARENT.match(traceparent):
+        # The common case, parsed directly: the propagator's regex and checks cost more.
+        span = trace.NonRecordingSpan(
+            trace.SpanContext(
+                trace_id=int(traceparent[3:35], 16),
+                span_id=int(traceparent[36:52], 16),
+                is_remote=True,
+                trace_flags=trace.TraceFlags(int(traceparent[53:55], 16)),
+            )
+        )
+        return trace.set_span_in_context(span, Context())
     carrier = {"traceparent": traceparent or ""}
     if tracestate:
         carrier["tracestate"] = tracestate

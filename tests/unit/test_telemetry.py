@@ -120,3 +120,22 @@ def test_traceparent_from_headers_rejects_what_the_propagator_rejects() -> None:
         good.decode(),
         None,
     )
+
+
+def test_context_from_traceparent_matches_the_propagator() -> None:
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    propagator = TraceContextTextMapPropagator()
+    for value, state in [
+        ("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", None),
+        ("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00", None),
+        ("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-03", "k=v"),
+        ("00-00000000000000000000000000000000-b7ad6b7169203331-01", None),
+        ("garbage", None),
+        (None, None),
+    ]:
+        carrier = {"traceparent": value or ""} | ({"tracestate": state} if state else {})
+        want = trace.get_current_span(propagator.extract(carrier)).get_span_context()
+        got = trace.get_current_span(context_from_traceparent(value, state)).get_span_context()
+        assert got == want, value
+        assert got.trace_state == want.trace_state
