@@ -23,6 +23,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 import msgspec
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -125,6 +126,11 @@ class Attempts:
         )
         """When the tracer records no span: the span that attempts run under instead of
         one of their own (the parent's, which stays current); else ``None``."""
+        backend = anyio.lowlevel.current_token().backend_class
+        self._now = backend.current_time
+        self._cancel_scope = backend.create_cancel_scope
+        """``anyio.current_time`` and ``anyio.CancelScope`` of the running backend, without
+        looking the backend up at each call."""
         self.deadline = math.inf
         """The run's deadline (``anyio.current_time()`` clock), set once its scope exists."""
 
@@ -291,10 +297,10 @@ class Attempts:
         timeout = step.timeout if step.timeout is not None else self.runner.default_timeout
         if timeout is None or math.isinf(timeout):
             return await call(ctx)
-        deadline = anyio.current_time() + timeout
+        deadline = self._now() + timeout
         if self.deadline < deadline:  # the run's own scope fires first: the attempt's is moot
             return await call(ctx)
-        with anyio.CancelScope(deadline=deadline):
+        with self._cancel_scope(deadline=deadline):
             return await call(ctx)
         # Only its deadline cancels this scope, and the scope swallowed that cancellation.
         raise TimeoutError(f"step {label!r} did not finish within {timeout:g}s")

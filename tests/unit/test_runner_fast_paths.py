@@ -1,0 +1,202 @@
+"""The runner's cheap paths: chains run inline, and no step spans when the tracer never records.
+
+Same harness as ``test_runner.py``; the tracer of the runner under test is swapped for one
+whose sampler is ``ALWAYS_OFF`` (what the daemon installs without an exporter).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import anyio
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider, sampling
+
+from orchestrator.errors import StoreError
+from orchestrator.pipeline import Pipeline, RunOutcome, StepContext
+from orchestrator.telemetry import inject_headers
+from tests.unit.test_runner import Harness
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def h() -> Iterator[Harness]:
+    harness = Harness()
+    yield harness
+    harness.meter_provider.shutdown()
+    harness.tracer_provider.shutdown()
+
+
+@pytest.fixture
+def quiet(h: Harness) -> Iterator[Harness]:
+    """The harness with a runner whose tracer never records."""
+    provider = TracerProvider(sampler=sampling.ALWAYS_OFF)
+    h.tracer = provider.get_tracer("quiet")
+    h.runner = h.make_runner()
+    yield h
+    provider.shutdown()
+
+
+def _diamond(seen: dict[str, Any]) -> Pipeline:
+    """``first`` then ``left`` and ``right`` concurrently: not a chain."""
+    p = Pipeline("orders")
+
+    def observe(ctx: StepContext) -> None:
+        seen[ctx.step] = (ctx.span, trace.get_current_span(), inject_headers())
+
+    @p.step
+    async def first(ctx: StepContext) -> int:
+        observe(ctx)
+        return 1
+
+    @p.step
+    async def left(ctx: StepContext, first: int) -> int:
+        observe(ctx)
+        return first
+
+    @p.step
+    async def right(ctx: StepContext, first: int) -> int:
+        observe(ctx)
+        return first
+
+    return p
+
+
+def _chain(seen: dict[str, Any]) -> Pipeline:
+    p = Pipeline("orders")
+
+    @p.step
+    async def first(ctx: StepContext) -> int:
+        seen[ctx.step] = (ctx.span, trace.get_current_span(), inject_headers())
+        return 1
+
+    @p.step
+    async def second(ctx: StepContext, first: int) -> int:
+        seen[ctx.step] = (ctx.span, trace.get_current_span(), inject_headers())
+        return first + 1
+
+    return p
+
+
+@pytest.mark.parametrize("build", [_chain, _diamond], ids=["chain", "dag"])
+async def test_a_tracer_that_never_records_runs_steps_under_the_run_span(
+    quiet: Harness, build: Any
+) -> None:
+    """Steps see the run's (non-recording) span as theirs and as the current one, so the
+    trace context they inject carries the run's trace."""
+    seen: dict[str, Any] = {}
+    p = build(seen)
+    with quiet.tracer.start_as_current_span("run orders") as run_span:
+        outcome = await quiet.run(p)
+    assert outcome == RunOutcome("succeeded")
+    assert not run_span.is_recording()
+    run_context = run_span.get_span_context()
+    assert seen
+    for span, current, headers in seen.values():
+        assert span is run_span
+        assert current is run_span
+        assert dict(headers)["traceparent"].decode().split("-")[1] == f"{run_context.trace_id:032x}"
+    assert quiet.spans() == []
+    assert {r.status for r in quiet.recorder.finished} == {"succeeded"}
+
+
+async def test_a_recording_parent_is_not_handed_to_steps_of_a_quiet_tracer(
+    quiet: Harness,
+) -> None:
+    """A parent span from a recording provider: steps get non-recording spans of its trace."""
+    seen: dict[str, Any] = {}
+    with quiet.tracer_provider.get_tracer("other").start_as_current_span("run") as parent:
+        assert await quiet.run(_chain(seen)) == RunOutcome("succeeded")
+    for span, current, _ in seen.values():
+        assert span is not parent
+        assert current is span
+        assert not span.is_recording()
+        assert span.get_span_context().trace_id == parent.get_span_context().trace_id
+
+
+async def test_items_of_a_mapped_step_under_a_quiet_tracer(quiet: Harness) -> None:
+    p = Pipeline("orders")
+    spans: list[trace.Span] = []
+
+    @p.step
+    async def parts(ctx: StepContext) -> list[int]:
+        return [1, 2, 3]
+
+    @p.step(map_over=parts)
+    async def load(ctx: StepContext, part: int) -> int:
+        spans.append(ctx.span)
+        return part * 2
+
+    with quiet.tracer.start_as_current_span("run orders") as run_span:
+        assert await quiet.run(p) == RunOutcome("succeeded")
+    assert len(spans) == 3
+    trace_id = run_span.get_span_context().trace_id
+    assert all(not s.is_recording() for s in spans)
+    assert all(s.get_span_context().trace_id == trace_id for s in spans)
+    assert [r.output for r in quiet.recorder.of("load")] == [b"[2,4,6]"]
+
+
+async def test_step_durations_are_recorded_under_a_quiet_tracer(quiet: Harness) -> None:
+    assert await quiet.run(_chain({})) == RunOutcome("succeeded")
+    data = quiet.reader.get_metrics_data()
+    assert data is not None
+    points = [
+        point
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for metric in sm.metrics
+        if metric.name == "orchestrator.step.duration"
+        for point in metric.data.data_points
+    ]
+    assert sorted(dict(p.attributes or {})["orchestrator.step"] for p in points) == [
+        "first",
+        "second",
+    ]
+
+
+async def test_recorder_failure_in_a_chain_stops_it_and_propagates(h: Harness) -> None:
+    p = Pipeline("orders")
+
+    @p.step
+    async def first(ctx: StepContext) -> int:
+        return 1
+
+    @p.step
+    async def second(ctx: StepContext, first: int) -> int:
+        raise AssertionError("must not run: its start could not be recorded")
+
+    @p.step
+    async def third(ctx: StepContext, second: int) -> None:
+        raise AssertionError("must not run")
+
+    h.recorder.fail_on_start.add("second")
+    with pytest.raises(StoreError, match="postgres went away"):
+        await h.run(p)
+    assert h.recorder.statuses() == {"first": ["succeeded"]}
+
+
+async def test_a_step_timeout_shorter_than_the_run_timeout_still_applies(h: Harness) -> None:
+    p = Pipeline("orders", timeout=60)
+
+    @p.step(timeout=0.01, retry=1)
+    async def slow(ctx: StepContext) -> None:
+        await anyio.Event().wait()
+
+    outcome = await h.run(p)
+    assert outcome.status == "failed"
+    assert outcome.error is not None
+    assert "did not finish within 0.01s" in outcome.error
+
+
+def test_the_context_log_is_built_on_first_use_with_the_run_fields() -> None:
+    custom = logging.getLogger("tests.custom")
+    ctx = StepContext.create(run_id=3, pipeline="p", step="s", attempt=2, logger=custom)
+    assert ctx.log is ctx.log
+    assert ctx.log.logger is custom
+    assert ctx.log.extra == {"run_id": 3, "pipeline": "p", "step": "s", "attempt": 2}
+    default = StepContext.create(run_id=3, pipeline="p", step="s")
+    assert default.log.logger is logging.getLogger("orchestrator.steps.p")
