@@ -118,12 +118,7 @@ class Attempts:
         self._events = tuple(spec.events)
         self._params = _frozen(spec.params)
         self._connectors = _frozen(spec.connectors)
-        parent_span = trace.get_current_span(self.parent)
-        self.quiet_span: trace.Span | None = (
-            parent_span
-            if _never_records(runner.tracer) and not parent_span.is_recording()
-            else None
-        )
+        self.quiet_span = _stand_in(runner.tracer, self.parent)
         """When the tracer records no span: the span that attempts run under instead of
         one of their own (the parent's, which stays current); else ``None``."""
         backend = anyio.lowlevel.current_token().backend_class
@@ -384,13 +379,24 @@ def _frozen(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
     return MappingProxyType(dict(mapping)) if mapping else _EMPTY
 
 
-def _never_records(tracer: trace.Tracer) -> bool:
-    """Whether ``tracer`` records no span whatever the context: the API's no-op tracer, or
-    an SDK tracer whose sampler is ``ALWAYS_OFF``."""
-    if isinstance(tracer, trace.NoOpTracer):
-        return True
-    describe = getattr(getattr(tracer, "sampler", None), "get_description", None)
-    return callable(describe) and describe() == "AlwaysOffSampler"
+def _stand_in(tracer: trace.Tracer, parent: otel_context.Context) -> trace.Span | None:
+    """The span of ``parent`` when it can stand in for the spans ``tracer`` would start in
+    that context, else ``None``.
+
+    It can when ``tracer`` records no span whatever the context (the API's no-op tracer, or
+    an SDK tracer whose sampler is ``ALWAYS_OFF``) and the parent span is valid, not
+    recording and not sampled: the spans started would then carry the same trace, the same
+    (unsampled) flags and trace state, and differ only in their span id.
+    """
+    if not isinstance(tracer, trace.NoOpTracer):
+        describe = getattr(getattr(tracer, "sampler", None), "get_description", None)
+        if not callable(describe) or describe() != "AlwaysOffSampler":
+            return None
+    span = trace.get_current_span(parent)
+    context = span.get_span_context()
+    if not context.is_valid or context.trace_flags.sampled or span.is_recording():
+        return None
+    return span
 
 
 def _encode(step: str, value: Any) -> bytes:

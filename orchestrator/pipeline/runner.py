@@ -19,10 +19,11 @@
 * Each attempt is recorded (``step_started``, then ``step_finished``), runs under its
   timeout inside a ``step <name>`` span, and is retried by its :class:`RetryPolicy`
   (:mod:`~orchestrator.pipeline.attempt`). When the tracer records no span at all (the
-  API's no-op tracer, or an SDK tracer whose sampler is ``ALWAYS_OFF``) no step span is
-  started: ``ctx.span`` is then the span current when :meth:`Runner.execute` was called
-  (non-recording), and that context stays current, so trace context injected by a step
-  still carries the run's trace.
+  API's no-op tracer, or an SDK tracer whose sampler is ``ALWAYS_OFF``) and the span current
+  when :meth:`Runner.execute` is called is valid, unsampled and not recording (the run span
+  of a daemon without an exporter), no step span is started: ``ctx.span`` is that span and
+  its context stays current, so trace context injected by a step carries the run's trace
+  and flags as a step span's would (only the span id differs).
 * A step (or item) that fails for good fails the run: nothing new starts, steps and items
   already running finish, and :class:`RunOutcome` names the step. Step exceptions never
   leave :meth:`Runner.execute`.
@@ -361,7 +362,7 @@ class _Execution:
             step = self.plan.steps[current]
             self.in_flight[current] = None
             try:
-                if await self._skip(step):
+                if step.skip_if is not None and await self._skip(step):
                     pass
                 elif step.map_over is None:
                     await self._single(step)

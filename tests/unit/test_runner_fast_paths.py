@@ -118,6 +118,36 @@ async def test_a_recording_parent_is_not_handed_to_steps_of_a_quiet_tracer(
         assert span.get_span_context().trace_id == parent.get_span_context().trace_id
 
 
+async def test_without_a_run_span_steps_of_a_quiet_tracer_get_spans_of_their_own(
+    quiet: Harness,
+) -> None:
+    seen: dict[str, Any] = {}
+    assert await quiet.run(_chain(seen)) == RunOutcome("succeeded")
+    for span, current, _ in seen.values():
+        assert current is span
+        assert span.get_span_context().is_valid
+        assert not span.get_span_context().trace_flags.sampled
+
+
+async def test_a_sampled_remote_parent_is_not_handed_to_steps_of_a_quiet_tracer(
+    quiet: Harness,
+) -> None:
+    """The steps' spans are unsampled (``ALWAYS_OFF``), unlike the parent: they stay."""
+    parent = trace.NonRecordingSpan(
+        trace.SpanContext(
+            trace_id=0x1234, span_id=0x5678, is_remote=True, trace_flags=trace.TraceFlags(1)
+        )
+    )
+    seen: dict[str, Any] = {}
+    with trace.use_span(parent):
+        assert await quiet.run(_chain(seen)) == RunOutcome("succeeded")
+    for span, current, headers in seen.values():
+        assert span is not parent
+        assert current is span
+        assert span.get_span_context().trace_id == 0x1234
+        assert dict(headers)["traceparent"].decode().endswith("-00")
+
+
 async def test_items_of_a_mapped_step_under_a_quiet_tracer(quiet: Harness) -> None:
     p = Pipeline("orders")
     spans: list[trace.Span] = []
