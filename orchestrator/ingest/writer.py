@@ -74,6 +74,10 @@ async def write_batch(
     dead: Sequence[DeadLetter],
     owner: RunOwner | None = None,
 ) -> IngestResult:
+    if not dead and all(
+        not e.correlations and all(r.rule not in plan.specs for r in e.runs) for e in events
+    ):
+        return await _write_simple(store, events, owner)
     owned: list[ClaimedRun] = []
     async with store.ingest_tx() as tx:
         await tx.insert_dead(dead)
@@ -116,6 +120,34 @@ async def write_batch(
         run_ids=created,
         owned=owned,
         queued=queued,
+    )
+
+
+async def _write_simple(
+    store: Store, events: Sequence[IncomingEvent], owner: RunOwner | None
+) -> IngestResult:
+    """Events that match only simple rules: one statement, no transaction block."""
+    runs = [(e, r, owner is not None and owner.accepts(r.pipeline)) for e in events for r in e.runs]
+    stored, created = await store.ingest_simple(
+        events, runs, owner.name if owner else "", owner.lease_seconds if owner else 0.0
+    )
+    owned: list[ClaimedRun] = []
+    if any(status == "running" for *_, status in created):
+        asked = {(r.rule, r.trigger_key): (e, r) for e, r, _ in runs}
+        for rid, rule, key, status in created:
+            if status != "running":
+                continue
+            e, r = asked[(rule, key)]
+            pk = stored[(e.event.source, e.event.id)]
+            owned.append(_claimed(rid, new_run(r, e, pk), e.event))
+        owned.sort(key=lambda c: (-c.priority, c.id))
+    return IngestResult(
+        new_events=len(stored),
+        duplicate_events=len(events) - len(stored),
+        dead_letters=0,
+        run_ids=[rid for rid, *_ in created],
+        owned=owned,
+        queued=any(status == "pending" for *_, status in created),
     )
 
 

@@ -18,7 +18,15 @@ import msgspec
 
 from orchestrator.store.records import DeadLetter, IncomingEvent
 
-__all__ = ["FlowSpec", "IngestTx", "NewRun", "RunOwner", "columns"]
+__all__ = [
+    "INGEST_SIMPLE",
+    "FlowSpec",
+    "IngestTx",
+    "NewRun",
+    "RunOwner",
+    "columns",
+    "event_columns",
+]
 
 _json = msgspec.json.Encoder()
 
@@ -111,6 +119,44 @@ ON CONFLICT (rule, trigger_key) DO NOTHING
 RETURNING id, rule, trigger_key
 """
 
+# A batch of events whose matches are all simple rules, in one statement (so in autocommit,
+# one round trip): new events, and for each new event the runs it triggers, pending or
+# (``own``) claimed by the ingesting daemon. Redelivered events create nothing.
+INGEST_SIMPLE = """
+WITH ev AS (
+    INSERT INTO events (source, event_id, type, subject, event_time, dataset, partition_key,
+                        envelope, topic, kafka_partition, kafka_offset, published_at,
+                        traceparent, tracestate, contract_error)
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
+                         $6::text[], $7::text[], $8::jsonb[], $9::text[], $10::int[],
+                         $11::bigint[], $12::timestamptz[], $13::text[], $14::text[],
+                         $15::text[])
+    ON CONFLICT (source, event_id) DO NOTHING
+    RETURNING id, source, event_id, published_at, traceparent, tracestate
+), ru AS (
+    INSERT INTO runs (rule, trigger_key, pipeline, priority, params, event_ids, first_event_at,
+                      traceparent, tracestate, status, lease_owner, lease_expires_at, claims,
+                      started_at)
+    SELECT u.rule, u.k, u.p, u.pr, u.pa, ARRAY[ev.id], ev.published_at, ev.traceparent,
+           ev.tracestate,
+           CASE WHEN u.own THEN 'running' ELSE 'pending' END,
+           CASE WHEN u.own THEN $24::text END,
+           CASE WHEN u.own THEN now() + make_interval(secs => $25::float8) END,
+           CASE WHEN u.own THEN 1 ELSE 0 END,
+           CASE WHEN u.own THEN now() END
+    FROM unnest($16::text[], $17::text[], $18::text[], $19::text[], $20::text[], $21::int[],
+                $22::jsonb[], $23::bool[]) AS u(src, eid, rule, k, p, pr, pa, own)
+    JOIN ev ON ev.source = u.src AND ev.event_id = u.eid
+    ON CONFLICT (rule, trigger_key) DO NOTHING
+    RETURNING id, rule, trigger_key, status
+)
+SELECT id, source, event_id, NULL::text AS rule, NULL::text AS trigger_key,
+       NULL::text AS status
+FROM ev
+UNION ALL
+SELECT id, NULL, NULL, rule, trigger_key, status FROM ru
+"""
+
 _INSERT_ONE_RUN = """
 INSERT INTO runs (rule, trigger_key, pipeline, priority, params, event_ids, first_event_at,
                   traceparent, tracestate, links, flow_key, concurrency, collecting, not_before)
@@ -165,26 +211,7 @@ class IngestTx:
         """Insert events; returns the primary keys of the ones that were new."""
         if not events:
             return {}
-        cols = columns(
-            (
-                e.event.source,
-                e.event.id,
-                e.event.type,
-                e.event.subject,
-                e.event.time,
-                e.event.data.dataset,
-                e.event.data.partition,
-                e.envelope,
-                e.topic,
-                e.partition,
-                e.offset,
-                e.published_at,
-                e.traceparent,
-                e.tracestate,
-                e.contract_error,
-            )
-            for e in events
-        )
+        cols = event_columns(events)
         rows = await self._conn.fetch(_INSERT_EVENTS, *cols)
         return {(r["source"], r["event_id"]): r["id"] for r in rows}
 
@@ -380,4 +407,28 @@ def _run_columns(runs: Sequence[NewRun]) -> list[list[Any]]:
             r.tracestate,
         )
         for r in runs
+    )
+
+
+def event_columns(events: Sequence[IncomingEvent]) -> list[list[Any]]:
+    """The events table's insert columns, for ``unnest``."""
+    return columns(
+        (
+            e.event.source,
+            e.event.id,
+            e.event.type,
+            e.event.subject,
+            e.event.time,
+            e.event.data.dataset,
+            e.event.data.partition,
+            e.envelope,
+            e.topic,
+            e.partition,
+            e.offset,
+            e.published_at,
+            e.traceparent,
+            e.tracestate,
+            e.contract_error,
+        )
+        for e in events
     )

@@ -15,7 +15,7 @@ import asyncpg
 import msgspec
 
 from orchestrator.events import CloudEvent
-from orchestrator.store.batch import IngestTx, NewRun, columns
+from orchestrator.store.batch import INGEST_SIMPLE, IngestTx, NewRun, columns, event_columns
 from orchestrator.store.connection import acquire, create_pool, translate_errors
 from orchestrator.store.migrate import migrate
 from orchestrator.store.records import (
@@ -216,6 +216,46 @@ class Store:
             yield tx
             if tx.queued or tx.changed:
                 await conn.execute("SELECT pg_notify($1, '')", self.runs_channel)
+
+    async def ingest_simple(
+        self,
+        events: Sequence[IncomingEvent],
+        runs: Sequence[tuple[IncomingEvent, RunRequest, bool]],
+        owner: str,
+        lease_seconds: float,
+    ) -> tuple[dict[tuple[str, str], int], list[tuple[int, str, str, str]]]:
+        """Write a batch whose events match only simple rules in one statement.
+
+        ``runs``: (event, request, own) for each run an event asks for; created only if its
+        event is new, claimed by ``owner`` when ``own``. Returns the new events' primary keys
+        by (source, id), and (id, rule, trigger_key, status) of each run created.
+        """
+        cols = event_columns(events)
+        cols += columns(
+            (
+                e.event.source,
+                e.event.id,
+                r.rule,
+                r.trigger_key,
+                r.pipeline,
+                r.priority,
+                _json.encode(r.params),
+                own,
+            )
+            for e, r, own in runs
+        ) or [[] for _ in range(8)]
+        async with acquire(self.pool, "ingest") as conn:
+            rows = await conn.fetch(INGEST_SIMPLE, *cols, owner, lease_seconds)
+            events_by_key: dict[tuple[str, str], int] = {}
+            created: list[tuple[int, str, str, str]] = []
+            for row in rows:
+                if row["rule"] is None:
+                    events_by_key[(row["source"], row["event_id"])] = row["id"]
+                else:
+                    created.append((row["id"], row["rule"], row["trigger_key"], row["status"]))
+            if any(status == "pending" for *_, status in created):
+                await conn.execute("SELECT pg_notify($1, '')", self.runs_channel)
+        return events_by_key, created
 
     # -- run execution --------------------------------------------------------------------
 
