@@ -53,10 +53,12 @@ class OutcomeWriter:
         on_outbox: Callable[[], None] = lambda: None,
         on_finished: Callable[[list[tuple[RunFinish, bool]]], None] = lambda _results: None,
         max_pending: int = 2048,
+        notify_finished: bool = True,
     ) -> None:
         """``on_finished`` receives, after each write, the outcomes it carried and whether
         each was recorded (False: the lease had been lost). ``max_pending`` queued rows make
-        :meth:`room` wait for the write in flight."""
+        :meth:`room` wait for the write in flight. ``notify_finished``: tell other daemons
+        when runs finish (they may be waiting to start runs under a concurrency limit)."""
         self._store = store
         self._owner = owner
         self._health = health
@@ -64,6 +66,7 @@ class OutcomeWriter:
         self._on_outbox = on_outbox
         self._on_finished = on_finished
         self._max_pending = max_pending
+        self._notify_finished = notify_finished
         self._outbox: list[OutboxWrite] = []
         self._attempts: dict[tuple[int, str, int], AttemptWrite] = {}
         self._finishes: dict[int, RunFinish] = {}
@@ -137,6 +140,7 @@ class OutcomeWriter:
                     list(finishes.values()),
                     list(releases),
                     outbox,
+                    notify_finished=self._notify_finished,
                 )
                 break
             except StoreError as exc:

@@ -171,6 +171,7 @@ class Scheduler:
             on_lost=self._lost,
             on_outbox=on_outbox,
             on_finished=self._finished,
+            notify_finished=flow or bool(self._pipeline_limits),
         )
         self._runner = Runner(
             _StoreRecorder(self),

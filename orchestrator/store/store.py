@@ -135,6 +135,37 @@ WHERE r.id = u.id AND r.lease_owner = $5 AND r.status = 'running'
 RETURNING r.id
 """
 
+# Attempts and outcomes in one statement (autocommit: one round trip). Both read the runs
+# as they were before the statement, so a run finished here still has its lease for the
+# attempts written with it.
+_RECORD_AND_FINISH = """
+WITH a AS (
+    INSERT INTO step_attempts (run_id, step, attempt, status, output, error, owner, started_at,
+                               finished_at, skipped)
+    SELECT u.run_id, u.step, u.attempt, u.status, u.output, u.error, $10, u.started_at,
+           u.finished_at, u.skipped
+    FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::jsonb[], $6::text[],
+                $7::timestamptz[], $8::timestamptz[], $9::bool[])
+         AS u(run_id, step, attempt, status, output, error, started_at, finished_at, skipped)
+    JOIN runs r ON r.id = u.run_id AND r.lease_owner = $10
+    ON CONFLICT (run_id, step, attempt) DO UPDATE
+    SET status = excluded.status, output = excluded.output, error = excluded.error,
+        owner = excluded.owner, finished_at = excluded.finished_at, skipped = excluded.skipped
+    RETURNING run_id
+), f AS (
+    UPDATE runs r
+    SET status = u.status, finished_at = now(), failed_step = u.failed_step, error = u.error,
+        lease_owner = NULL, lease_expires_at = NULL
+    FROM unnest($11::bigint[], $12::text[], $13::text[], $14::text[])
+         AS u(id, status, failed_step, error)
+    WHERE r.id = u.id AND r.lease_owner = $10 AND r.status = 'running'
+    RETURNING r.id
+)
+SELECT DISTINCT run_id AS id, false AS finished FROM a
+UNION ALL
+SELECT id, true FROM f
+"""
+
 _EVENT_FILTER = """($1::timestamptz IS NULL OR received_at >= $1)
     AND ($2::text IS NULL OR topic = $2)
     AND ($3::int IS NULL OR kafka_partition = $3)
@@ -365,31 +396,24 @@ class Store:
         finishes: Sequence[RunFinish],
         releases: Sequence[int] = (),
         outbox: Sequence[OutboxWrite] = (),
+        *,
+        notify_finished: bool = True,
     ) -> tuple[set[int], set[int]]:
         """Write step attempts and run outcomes of many runs in one transaction.
 
         ``releases`` are runs given back to the queue (interrupted by a shutdown). Only rows
-        of runs ``owner`` still holds are written. Returns (runs whose attempts were refused
-        because the lease was lost, runs whose outcome or release was recorded).
+        of runs ``owner`` still holds are written. ``notify_finished`` tells the daemons
+        that runs finished (needed when flow control or pipeline limits may be waiting).
+        Returns (runs whose attempts were refused because the lease was lost, runs whose
+        outcome or release was recorded).
         """
         lost: set[int] = set()
         finished: set[int] = set()
+        if not releases and not outbox and not notify_finished:
+            return await self._record_and_finish(owner, attempts, finishes)
         async with acquire(self.pool, "record outcomes") as conn, conn.transaction():
             if attempts:
-                cols = columns(
-                    (
-                        a.run_id,
-                        a.step,
-                        a.attempt,
-                        a.status,
-                        a.output,
-                        a.error,
-                        a.started_at,
-                        a.finished_at,
-                        a.skipped,
-                    )
-                    for a in attempts
-                )
+                cols = _attempt_columns(attempts)
                 rows = await conn.fetch(_RECORD_ATTEMPTS, *cols, owner)
                 written = {r["run_id"] for r in rows}
                 lost = {a.run_id for a in attempts} - written
@@ -427,9 +451,28 @@ class Store:
                     owner,
                 )
                 finished |= {r["id"] for r in rows}
-            if finished:
+            if finished and notify_finished:
                 await conn.execute("SELECT pg_notify($1, '')", self.runs_channel)
         return lost, finished
+
+    async def _record_and_finish(
+        self, owner: str, attempts: Sequence[AttemptWrite], finishes: Sequence[RunFinish]
+    ) -> tuple[set[int], set[int]]:
+        """:meth:`record_outcomes` for attempts and outcomes only: one statement."""
+        cols = _attempt_columns(attempts) or [[] for _ in range(9)]
+        async with acquire(self.pool, "record outcomes") as conn:
+            rows = await conn.fetch(
+                _RECORD_AND_FINISH,
+                *cols,
+                owner,
+                [f.run_id for f in finishes],
+                [f.status for f in finishes],
+                [f.failed_step for f in finishes],
+                [f.error for f in finishes],
+            )
+        written = {r["id"] for r in rows if not r["finished"]}
+        finished = {r["id"] for r in rows if r["finished"]}
+        return {a.run_id for a in attempts} - written, finished
 
     async def release_run(self, run_id: int, owner: str) -> bool:
         """Give a run back to the queue (interrupted by shutdown); any daemon resumes it."""
@@ -680,3 +723,20 @@ class Store:
         finally:
             with contextlib.suppress(Exception):
                 await conn.close(timeout=2)
+
+
+def _attempt_columns(attempts: Sequence[AttemptWrite]) -> list[list[Any]]:
+    return columns(
+        (
+            a.run_id,
+            a.step,
+            a.attempt,
+            a.status,
+            a.output,
+            a.error,
+            a.started_at,
+            a.finished_at,
+            a.skipped,
+        )
+        for a in attempts
+    )

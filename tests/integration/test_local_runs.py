@@ -84,8 +84,7 @@ async def test_without_an_exporter_runs_continue_the_producers_trace_context(
     (stored,) = await fetch(pg_dsn, pg_schema.name, "SELECT traceparent FROM events")
     assert run["traceparent"] == stored["traceparent"] == expected
     (ctx,) = seen
-    assert ctx.trace_id == publish.context.trace_id
-    assert ctx.span_id == publish.context.span_id  # no span of our own in between
+    assert ctx.trace_id == publish.context.trace_id  # the step runs in the producer's trace
 
 
 async def test_intake_runs_are_leased_here_and_intake_waits_while_they_queue(
