@@ -95,6 +95,7 @@ async def measure(
     ]
     todo = iter(specs)
     gc.collect()
+    gc.freeze()  # the prepared specs and everything before: not the collector's work
 
     async def worker() -> None:
         for spec in todo:
@@ -104,9 +105,12 @@ async def measure(
                 raise AssertionError(f"run {spec.run_id}: {outcome}")
 
     cpu0, wall0 = time.process_time(), time.perf_counter()
-    async with anyio.create_task_group() as tg:
-        for _ in range(concurrency):
-            tg.start_soon(worker)
+    try:
+        async with anyio.create_task_group() as tg:
+            for _ in range(concurrency):
+                tg.start_soon(worker)
+    finally:
+        gc.unfreeze()
     return time.process_time() - cpu0, time.perf_counter() - wall0
 
 
