@@ -119,8 +119,8 @@ class Attempts:
         self._params = _frozen(spec.params)
         self._connectors = _frozen(spec.connectors)
         self.quiet_span = _stand_in(runner.tracer, self.parent)
-        """When the tracer records no span: the span that attempts run under instead of
-        one of their own (the parent's, which stays current); else ``None``."""
+        """The parent's span when it stands in for the attempts' spans (see
+        :func:`_stand_in`): attempts then start no span, and it stays current."""
         backend = anyio.lowlevel.current_token().backend_class
         self._now = backend.current_time
         self._cancel_scope = backend.create_cancel_scope
