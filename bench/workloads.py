@@ -497,7 +497,11 @@ async def _kafka_floor(
 
     topic = f"bench-w2floor-{_uid()}"
     await s.infra.create_topic(topic, s.partitions)
-    consumer = AIOKafkaConsumer(bootstrap_servers=s.infra.bootstrap, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=s.infra.bootstrap,
+        enable_auto_commit=False,
+        fetch_max_wait_ms=10,  # as the daemon fetches (kafka.fetch_max_wait_ms)
+    )
     out: dict[str, Any] = {}
     try:
         await consumer.start()

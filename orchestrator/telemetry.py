@@ -271,12 +271,19 @@ def install(
         )
         tracer_provider.add_span_processor(BatchSpanProcessor(span_exporter))
         readers.append(PeriodicExportingMetricReader(metric_exporter))
-    meter_provider = MeterProvider(resource=resource, metric_readers=readers)
+    # Without a reader nothing would ever collect the instruments: the API's no-op provider
+    # makes every measurement free instead of aggregated for nobody.
+    meter_provider: metrics.MeterProvider = (
+        MeterProvider(resource=resource, metric_readers=readers)
+        if readers
+        else metrics.NoOpMeterProvider()
+    )
     trace.set_tracer_provider(tracer_provider)
     metrics.set_meter_provider(meter_provider)
 
     def shutdown() -> None:
         tracer_provider.shutdown()
-        meter_provider.shutdown()
+        if isinstance(meter_provider, MeterProvider):
+            meter_provider.shutdown()
 
     return shutdown

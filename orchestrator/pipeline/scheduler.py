@@ -31,6 +31,7 @@ import anyio
 from anyio.abc import TaskStatus
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.trace import Link, SpanKind, Status, StatusCode
 
 from orchestrator.backoff import backoff_delay
@@ -409,13 +410,10 @@ class Scheduler:
             if self._recording:
                 await self._execute_traced(inflight)
             else:
-                # No span to record: the steps run in the triggering event's trace context,
-                # so what they announce or call still carries it.
-                token = otel_context.attach(
-                    context_from_traceparent(run.traceparent, run.tracestate)
-                )
+                span = _unrecorded_run_span(run)
+                token = otel_context.attach(trace.set_span_in_context(span, otel_context.Context()))
                 try:
-                    await self._execute_in(inflight, trace.INVALID_SPAN)
+                    await self._execute_in(inflight, span)
                 finally:
                     otel_context.detach(token)
         except Exception:
@@ -532,3 +530,28 @@ class Scheduler:
                 )
         for (status, pipeline), n in counts.items():
             self._tel.instruments.runs.add(n, {"status": status, "pipeline": pipeline})
+
+
+_ids = RandomIdGenerator()
+
+
+def _unrecorded_run_span(run: ClaimedRun) -> trace.Span:
+    """The run span a tracer that never records would start (see ``Telemetry.recording``):
+    in the triggering event's trace (a new one if it has none), with a span id of its own
+    and the sampled flag cleared. Built directly; steps of the run use it as their span."""
+    parent = trace.get_current_span(
+        context_from_traceparent(run.traceparent, run.tracestate)
+    ).get_span_context()
+    if parent.is_valid:
+        trace_id, flags = parent.trace_id, int(parent.trace_flags) & ~trace.TraceFlags.SAMPLED
+    else:
+        trace_id, flags = _ids.generate_trace_id(), trace.TraceFlags.DEFAULT
+    return trace.NonRecordingSpan(
+        trace.SpanContext(
+            trace_id=trace_id,
+            span_id=_ids.generate_span_id(),
+            is_remote=False,
+            trace_flags=trace.TraceFlags(flags),
+            trace_state=parent.trace_state,
+        )
+    )

@@ -45,8 +45,11 @@ def _sampled_after_install(record_without_exporter: bool) -> str:
     code = (
         "from orchestrator.telemetry import install, Telemetry, inject_headers\n"
         f"install('t', record_without_exporter={record_without_exporter})\n"
-        "tracer = Telemetry.from_providers().tracer\n"
-        "with tracer.start_as_current_span('s') as span:\n"
+        "t = Telemetry.from_providers()\n"
+        "assert t.recording is " + str(record_without_exporter) + "\n"
+        "from opentelemetry.metrics import NoOpMeter\n"
+        "assert isinstance(t.meter, NoOpMeter), t.meter  # no reader: no aggregation\n"
+        "with t.tracer.start_as_current_span('s') as span:\n"
         "    flags = int(inject_headers()[0][1].decode()[-2:], 16)\n"
         "    print(span.is_recording(), 'sampled' if flags & 1 else 'unsampled')\n"
     )
