@@ -98,7 +98,7 @@ class Ingestor:
         self._stopped = anyio.Event()
         self._dlq: AIOKafkaProducer | None = None
         self._pending_offsets: dict[TopicPartition, int] = {}
-        self._last_commit = 0.0
+        self._commit_due = anyio.Event()
         self.batches = 0
 
     def stop(self) -> None:
@@ -146,11 +146,12 @@ class Ingestor:
                 )
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(self._watch_broker, consumer)
+                    tg.start_soon(self._committer, consumer)
                     await self._loop(consumer)
                     tg.cancel_scope.cancel()
             finally:
                 with anyio.move_on_after(10, shield=True):
-                    await self._commit(consumer, force=True)
+                    await self._commit(consumer)
                     if self._dlq is not None:
                         await self._dlq.stop()
                     await consumer.stop()
@@ -211,7 +212,6 @@ class Ingestor:
                 )
             self._fetch_scope = None
             if scope.cancelled_caught or not batch:
-                await self._commit(consumer, force=True)  # idle or stopping: commit what is durable
                 continue
             records = [r for recs in batch.values() for r in recs]
             await self._process(consumer, records)
@@ -307,7 +307,7 @@ class Ingestor:
             self._on_runs_created()  # runs to claim, or new deadlines to watch
         if dead and self._settings.kafka.dead_letter_topic:
             await self._copy_dead_letters(dead)
-        await self._commit(consumer, records)
+        self._note(records)
         self.batches += 1
 
     def _span(self, rec: ConsumerRecord, headers: list[tuple[str, bytes]]) -> trace.Span:
@@ -411,29 +411,31 @@ class Ingestor:
         except KafkaError as exc:
             log.warning("could not copy %d dead letters to %s: %s", len(dead), topic, exc)
 
-    async def _commit(
-        self,
-        consumer: AIOKafkaConsumer,
-        records: Sequence[ConsumerRecord] = (),
-        *,
-        force: bool = False,
-    ) -> None:
-        """Commit the offsets of batches already durable in Postgres.
-
-        Offsets are committed at most every ``kafka.commit_interval_ms`` (and whenever the
-        consumer goes idle or stops): a commit is a broker round trip, and committing later
-        only means a crash redelivers more records, which the store deduplicates.
-        """
+    def _note(self, records: Sequence[ConsumerRecord]) -> None:
+        """These records are durable in Postgres: their offsets may be committed."""
         pending = self._pending_offsets
         for rec in records:
             tp = TopicPartition(rec.topic, rec.partition)
             pending[tp] = max(pending.get(tp, 0), rec.offset + 1)
-        now = anyio.current_time()
+        self._commit_due.set()
+
+    async def _committer(self, consumer: AIOKafkaConsumer) -> None:
+        """Commit durable offsets beside the intake loop, at most every
+        ``kafka.commit_interval_ms``: a commit is a broker round trip that the next batch
+        need not wait for, and committing later only means a crash redelivers more records,
+        which the store deduplicates. The loop's end commits what is left."""
         interval = self._settings.kafka.commit_interval_ms / 1000
-        if not pending or (not force and now - self._last_commit < interval):
+        while True:
+            await self._commit_due.wait()
+            self._commit_due = anyio.Event()
+            await self._commit(consumer)
+            await anyio.sleep(interval)
+
+    async def _commit(self, consumer: AIOKafkaConsumer) -> None:
+        """Commit the offsets of batches already durable in Postgres."""
+        offsets, self._pending_offsets = self._pending_offsets, {}
+        if not offsets:
             return
-        offsets, self._pending_offsets = pending, {}
-        self._last_commit = now
         try:
             await consumer.commit(offsets)
         except (CommitFailedError, IllegalStateError) as exc:
@@ -443,6 +445,11 @@ class Ingestor:
         except KafkaError as exc:
             self._health.set("kafka", False, f"offset commit failed: {exc}")
             log.warning("offset commit failed (%s); the batch will be redelivered", exc)
+        except BaseException:
+            # Cancelled mid-commit (stopping): keep the offsets for the final commit.
+            for tp, offset in offsets.items():
+                self._pending_offsets[tp] = max(self._pending_offsets.get(tp, 0), offset)
+            raise
         else:
             self._health.set("kafka", True)
 
