@@ -18,7 +18,7 @@ from orchestrator.cli.logs import setup_logging
 from orchestrator.config import Settings
 from orchestrator.errors import ConfigError, OrchestratorError
 
-__all__ = ["dispatch", "run_async", "serve_until_signalled"]
+__all__ = ["dispatch", "run_async", "serve_until_signalled", "tune_gc"]
 
 
 def run_async(fn: Callable[[], Awaitable[int]]) -> int:
@@ -88,6 +88,18 @@ async def serve_until_signalled(settings: Settings) -> int:
     return 0
 
 
+def tune_gc() -> None:
+    """Garbage collection for a long-running daemon: what start-up loaded (modules,
+    pipelines, rules) is frozen out of the collector's way, and young collections run every
+    20,000 allocations instead of 700. Runs allocate many short-lived objects and few cycles,
+    so the default thresholds spend CPU re-scanning the same long-lived objects."""
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 20)
+
+
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     from orchestrator.telemetry import install
 
@@ -96,6 +108,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
             settings, postgres=msgspec.structs.replace(settings.postgres, migrate_on_start=True)
         )
     shutdown = install(settings.telemetry.service_name, settings.telemetry.otlp_endpoint)
+    tune_gc()
     try:
         return run_async(lambda: serve_until_signalled(settings))
     finally:

@@ -77,7 +77,7 @@ def _absolute(settings: Settings) -> Settings:
 
 
 def run_dev(args: argparse.Namespace) -> int:
-    from orchestrator.cli.commands import run_async
+    from orchestrator.cli.commands import run_async, tune_gc
 
     example_config = Path(args.examples) / "orchestrator.toml"
     if not example_config.exists():
@@ -88,6 +88,7 @@ def run_dev(args: argparse.Namespace) -> int:
     base = _absolute(config_mod.load(example_config, env={}))
     state = Path(args.state_dir)
     state.mkdir(parents=True, exist_ok=True)
+    tune_gc()
     return run_async(lambda: _serve(args, base, state))
 
 
