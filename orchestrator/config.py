@@ -129,6 +129,9 @@ class PipelineSettings(_Section, frozen=True, kw_only=True, forbid_unknown_field
 class RunnerSettings(_Section, frozen=True, kw_only=True, forbid_unknown_fields=True):
     max_concurrent_runs: int = 64
     """Runs one daemon executes at once."""
+    queue_depth: int = 1000
+    """Runs held by a daemon and waiting for a free worker; above it the intake fetches
+    nothing more (the backlog stays in Kafka) and nothing more is claimed."""
     lease_seconds: float = 30.0
     """A claimed run's lease; renewed every third of it, taken over by others when expired."""
     default_step_timeout: float = 300.0

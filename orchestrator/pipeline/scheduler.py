@@ -59,6 +59,8 @@ StopReason = Literal["cancelled", "interrupted", "lost"]
 class _InFlight:
     run: ClaimedRun
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    claimed: bool = False
+    """Taken from the shared queue (not handed over by the local intake)."""
     reason: StopReason | None = None
     first_step_seen: bool = False
     finishing: bool = False
@@ -202,8 +204,8 @@ class Scheduler:
             self._enqueue(run)
 
     async def room(self) -> None:
-        """Return once fewer runs wait for a worker than there are workers."""
-        while len(self._queue) >= self._settings.max_concurrent_runs:
+        """Return once fewer than ``runner.queue_depth`` runs wait for a worker."""
+        while len(self._queue) >= self._settings.queue_depth:
             self._room = anyio.Event()
             await self._room.wait()
 
@@ -261,10 +263,22 @@ class Scheduler:
             log.warning("run %d: lease lost to another daemon; stopping it here", run_id)
             self.cancel_run(run_id, "lost")
 
-    def _enqueue(self, run: ClaimedRun) -> None:
-        inflight = _InFlight(run)
+    def _claimed_waiting(self) -> int:
+        """Claimed runs not started yet (they are at the front of the queue)."""
+        n = 0
+        for inflight in self._queue:
+            if not inflight.claimed:
+                break
+            n += 1
+        return n
+
+    def _enqueue(self, run: ClaimedRun, *, front: bool = False) -> None:
+        inflight = _InFlight(run, claimed=front)
         self._inflight[run.id] = inflight
-        self._queue.append(inflight)
+        if front:
+            self._queue.appendleft(inflight)
+        else:
+            self._queue.append(inflight)
         if self._idle.is_set():
             self._idle = anyio.Event()
         self._work.set()
@@ -304,7 +318,7 @@ class Scheduler:
                 await self._work.wait()
                 continue
             inflight = queue.popleft()
-            if len(queue) < self._settings.max_concurrent_runs:
+            if len(queue) < self._settings.queue_depth:
                 self._room.set()
             self._busy += 1
             try:
@@ -319,7 +333,9 @@ class Scheduler:
         attempt = 0
         while self._claiming:
             self._wake = anyio.Event()  # before looking: a wake-up from now on is not lost
-            free = self._settings.max_concurrent_runs - self._busy - len(self._queue)
+            # Claim what free workers can start; claimed runs go to the front of the queue,
+            # so runs the local intake keeps handing over cannot starve them.
+            free = self._settings.max_concurrent_runs - self._busy - self._claimed_waiting()
             claimed: list[ClaimedRun] = []
             wait = self._settings.lease_seconds / 3
             if free > 0 and self._more:
@@ -342,8 +358,8 @@ class Scheduler:
                     continue
                 attempt = 0
                 self._health.set("postgres", True)
-                for run in claimed:
-                    self._enqueue(run)
+                for run in reversed(claimed):
+                    self._enqueue(run, front=True)
                 if len(claimed) == free:
                     self._more = True  # the queue may hold more
                     continue

@@ -97,7 +97,7 @@ async def test_intake_runs_are_leased_here_and_intake_waits_while_they_queue(
         pg_dsn,
         pg_schema.name,
         kafka={"max_batch": 5},
-        runner={"max_concurrent_runs": 2, "lease_seconds": 6},
+        runner={"max_concurrent_runs": 2, "queue_depth": 3, "lease_seconds": 6},
     )
     events = 60
     async with running_daemon(settings, {"gated": gate.pipeline}, RULES, Traced(), owner="d1"):
@@ -121,11 +121,12 @@ async def test_intake_runs_are_leased_here_and_intake_waits_while_they_queue(
         assert {(r["status"], r["lease_owner"], r["claims"], r["at_once"]) for r in held} == {
             ("running", "d1", 1, True)
         }
-        # Backpressure: with both workers busy the intake stops fetching, so the backlog
-        # stays in Kafka instead of piling up as runs (2 executing + a batch of 5 queued).
+        # Backpressure: with both workers busy the intake stops fetching once queue_depth
+        # runs wait, so the backlog stays in Kafka instead of piling up as runs
+        # (2 executing + fewer than 3 queued + one more batch of 5).
         await anyio.sleep(1.0)
         stored = await count(pg_dsn, pg_schema.name, "SELECT count(*) AS n FROM events")
-        assert stored <= 2 + 5 + 5, f"{stored} of {events} events ingested while workers blocked"
+        assert stored <= 2 + 2 + 5, f"{stored} of {events} events ingested while workers blocked"
 
         gate.open.set()
 
