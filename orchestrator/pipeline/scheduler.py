@@ -28,6 +28,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import anyio
+import msgspec
 from anyio.abc import TaskStatus
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -98,8 +99,8 @@ class _StoreRecorder:
                 step=record.step,
                 attempt=record.attempt,
                 status=record.status,
-                output=record.output,
-                error=record.error,
+                output=None if record.output is None else msgspec.Raw(record.output),
+                error=_text(record.error),
                 started_at=record.started_at,
                 finished_at=record.finished_at,
                 skipped=record.skipped,
@@ -519,7 +520,12 @@ class Scheduler:
         """Queue the run's outcome; :meth:`_finished` hears when it is durable."""
         inflight.finishing = True
         self.writer.finish(
-            RunFinish(run_id=inflight.run.id, status=status, failed_step=failed_step, error=error)
+            RunFinish(
+                run_id=inflight.run.id,
+                status=status,
+                failed_step=failed_step,
+                error=_text(error),
+            )
         )
 
     def _finished(self, results: list[tuple[RunFinish, bool]]) -> None:
@@ -571,3 +577,8 @@ def _unrecorded_run_span(run: ClaimedRun) -> trace.Span:
             trace_state=parent.trace_state,
         )
     )
+
+
+def _text(error: str | None) -> str | None:
+    """An error message as Postgres text can hold it (no NUL characters)."""
+    return None if error is None else error.replace("\x00", "\ufffd")

@@ -156,13 +156,14 @@ class StoredEvent(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class AttemptWrite(msgspec.Struct, frozen=True, kw_only=True):
-    """A step attempt's row as the scheduler writes it (start, then outcome)."""
+    """A step attempt's row as the scheduler writes it (start, then outcome). Encodes as a
+    JSON object whose ``output`` is the step's output JSON itself."""
 
     run_id: int
     step: str
     attempt: int
     status: str
-    output: bytes | None = None
+    output: msgspec.Raw | None = None
     error: str | None = None
     started_at: datetime
     finished_at: datetime | None = None

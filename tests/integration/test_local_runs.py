@@ -186,3 +186,28 @@ async def test_a_stopping_daemon_returns_runs_it_did_not_start(
             return n == 10
 
         await wait_for(all_done, within=60, what="the second daemon to finish every run")
+
+
+async def test_a_step_error_with_a_nul_character_is_recorded(
+    kafka_bootstrap: str, topic: str, pg_dsn: str, pg_schema: PgSchema
+) -> None:
+    pipeline = Pipeline("gated")
+
+    @pipeline.step()
+    async def fail(ctx: StepContext) -> None:
+        raise RuntimeError("bad\x00byte")  # Postgres text cannot hold NUL
+
+    settings = make_settings(kafka_bootstrap, topic, pg_dsn, pg_schema.name)
+    async with running_daemon(settings, {"gated": pipeline}, RULES, Traced()):
+        async with open_producer(settings) as producer:
+            await publish_event(producer, topic, new_arrival("local.feed"), TRACER)
+
+        async def failed() -> int:
+            return await count(
+                pg_dsn, pg_schema.name, "SELECT count(*) AS n FROM runs WHERE status='failed'"
+            )
+
+        await wait_for(failed, what="the run to fail with its error recorded")
+    (attempt,) = await fetch(pg_dsn, pg_schema.name, "SELECT status, error FROM step_attempts")
+    assert attempt["status"] == "failed"
+    assert "RuntimeError: bad\ufffdbyte" in attempt["error"]
