@@ -28,7 +28,6 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 import anyio
-import msgspec
 from anyio.abc import TaskStatus
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -99,7 +98,7 @@ class _StoreRecorder:
                 step=record.step,
                 attempt=record.attempt,
                 status=record.status,
-                output=None if record.output is None else msgspec.Raw(record.output),
+                output=record.output,
                 error=_text(record.error),
                 started_at=record.started_at,
                 finished_at=record.finished_at,

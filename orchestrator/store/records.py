@@ -156,14 +156,13 @@ class StoredEvent(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class AttemptWrite(msgspec.Struct, frozen=True, kw_only=True):
-    """A step attempt's row as the scheduler writes it (start, then outcome). Encodes as a
-    JSON object whose ``output`` is the step's output JSON itself."""
+    """A step attempt's row as the scheduler writes it (start, then outcome)."""
 
     run_id: int
     step: str
     attempt: int
     status: str
-    output: msgspec.Raw | None = None
+    output: bytes | None = None
     error: str | None = None
     started_at: datetime
     finished_at: datetime | None = None

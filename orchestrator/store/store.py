@@ -138,22 +138,16 @@ RETURNING r.id
 # Attempts and outcomes in one statement (autocommit: one round trip). Both read the runs
 # as they were before the statement, so a run finished here still has its lease for the
 # attempts written with it.
-# Attempts and outcomes in one statement (autocommit: one round trip), each passed as one
-# JSON document that msgspec encodes in a single call. Both parts read the runs as they were
-# before the statement, so a run finished here still has its lease for the attempts written
-# with it. A succeeded attempt's output is never NULL (a step returning None stores null).
 _RECORD_AND_FINISH = """
 WITH a AS (
     INSERT INTO step_attempts (run_id, step, attempt, status, output, error, owner, started_at,
                                finished_at, skipped)
-    SELECT x.run_id, x.step, x.attempt, x.status,
-           CASE WHEN x.status = 'succeeded' THEN coalesce(x.output, 'null'::jsonb)
-                ELSE x.output END,
-           x.error, $2, x.started_at, x.finished_at, x.skipped
-    FROM jsonb_to_recordset($1::jsonb) AS x(run_id bigint, step text, attempt int, status text,
-                                            output jsonb, error text, started_at timestamptz,
-                                            finished_at timestamptz, skipped bool)
-    JOIN runs r ON r.id = x.run_id AND r.lease_owner = $2
+    SELECT u.run_id, u.step, u.attempt, u.status, u.output, u.error, $10, u.started_at,
+           u.finished_at, u.skipped
+    FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::jsonb[], $6::text[],
+                $7::timestamptz[], $8::timestamptz[], $9::bool[])
+         AS u(run_id, step, attempt, status, output, error, started_at, finished_at, skipped)
+    JOIN runs r ON r.id = u.run_id AND r.lease_owner = $10
     ON CONFLICT (run_id, step, attempt) DO UPDATE
     SET status = excluded.status, output = excluded.output, error = excluded.error,
         owner = excluded.owner, finished_at = excluded.finished_at, skipped = excluded.skipped
@@ -162,9 +156,9 @@ WITH a AS (
     UPDATE runs r
     SET status = u.status, finished_at = now(), failed_step = u.failed_step, error = u.error,
         lease_owner = NULL, lease_expires_at = NULL
-    FROM jsonb_to_recordset($3::jsonb) AS u(run_id bigint, status text, failed_step text,
-                                            error text)
-    WHERE r.id = u.run_id AND r.lease_owner = $2 AND r.status = 'running'
+    FROM unnest($11::bigint[], $12::text[], $13::text[], $14::text[])
+         AS u(id, status, failed_step, error)
+    WHERE r.id = u.id AND r.lease_owner = $10 AND r.status = 'running'
     RETURNING r.id
 )
 SELECT DISTINCT run_id AS id, false AS finished FROM a
@@ -465,9 +459,16 @@ class Store:
         self, owner: str, attempts: Sequence[AttemptWrite], finishes: Sequence[RunFinish]
     ) -> tuple[set[int], set[int]]:
         """:meth:`record_outcomes` for attempts and outcomes only: one statement."""
+        cols = _attempt_columns(attempts) or [[] for _ in range(9)]
         async with acquire(self.pool, "record outcomes") as conn:
             rows = await conn.fetch(
-                _RECORD_AND_FINISH, _json.encode(attempts), owner, _json.encode(finishes)
+                _RECORD_AND_FINISH,
+                *cols,
+                owner,
+                [f.run_id for f in finishes],
+                [f.status for f in finishes],
+                [f.failed_step for f in finishes],
+                [f.error for f in finishes],
             )
         written = {r["id"] for r in rows if not r["finished"]}
         finished = {r["id"] for r in rows if r["finished"]}
