@@ -82,6 +82,13 @@ def render(doc: Mapping[str, Any], targets: list[Target]) -> str:
                 "              p50 stages ms: "
                 + ", ".join(f"{k} {_n(v.get('p50'), 1)}" for k, v in st.items())
             )
+            if ph.get("cpu_seconds"):
+                busy = ph.get("machine_cpu_busy")
+                lines.append(
+                    "              CPU s: "
+                    + ", ".join(f"{k} {_n(v, 1)}" for k, v in ph["cpu_seconds"].items())
+                    + (f"; machine {busy:.0%} busy" if busy is not None else "")
+                )
     if "W3" in w:
         x = w["W3"]
         if x.get("status") != "ok":

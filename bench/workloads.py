@@ -453,6 +453,7 @@ async def w2_latency(
                 ours = sum(cpu1[k] - cpu0.get(k, 0.0) for k in cpu1)
                 phase["machine_cpu_busy"] = round((m1[0] - m0[0]) / max(1.0, m1[1] - m0[1]), 3)
                 phase["other_cpu_seconds"] = round(max(0.0, m1[0] - m0[0] - ours), 2)
+                phase["cpu_seconds"] = {k: round(cpu1[k] - cpu0.get(k, 0.0), 2) for k in cpu1}
                 phase["load_average"] = [load0, load_average()]
                 if scope.cancelled_caught:
                     saturated_at = r
