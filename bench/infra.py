@@ -117,7 +117,7 @@ class Child:
         if self.alive:
             with contextlib.suppress(ProcessLookupError):
                 assert self.process is not None
-                self.process.send_signal(signum)
+                self.process.send_signal(signal.Signals(signum))
 
     async def stop(self, *, grace: float = 10.0, signum: int = signal.SIGTERM) -> int | None:
         """Signal, wait up to ``grace`` seconds, then SIGKILL. Shielded; safe to call twice."""
@@ -422,7 +422,7 @@ class PgCounters:
     statements: dict[str, tuple[int, float, int]]  # query -> (calls, total ms, rows)
 
     def delta(self, before: PgCounters) -> dict[str, Any]:
-        stmts = []
+        stmts: list[dict[str, Any]] = []
         for query, (calls, ms, rows) in self.statements.items():
             c0, ms0, r0 = before.statements.get(query, (0, 0.0, 0))
             if calls - c0 > 0:
@@ -519,6 +519,8 @@ class Infra:
             wal = await conn.fetchrow(
                 f"{BENCH_TAG} SELECT wal_records, wal_bytes, wal_sync FROM pg_stat_wal"
             )
+            if wal is None:
+                raise RuntimeError("pg_stat_wal returned no row")
             statements: dict[str, tuple[int, float, int]] = {}
             if self.pgss:
                 rows = await conn.fetch(

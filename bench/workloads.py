@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import asyncpg
 from aiokafka import AIOKafkaProducer
 
 from bench.infra import (
@@ -170,6 +171,8 @@ async def _poll_runs(
                         count(*) FILTER (WHERE status IN ('failed', 'cancelled')) AS bad
                     FROM runs"""
             )
+            if row is None:
+                raise RuntimeError("run status count query returned no row")
             for d in daemons:
                 d.sample()
             series.append([round(time.time() - t0, 3), row["total"], row["ok"]])
@@ -298,6 +301,8 @@ async def _drain_figures(
                         (ORDER BY finished_at))::float8 AS p99_finished
                 FROM runs"""
         )
+        if row is None:
+            raise RuntimeError("drain figures query returned no row")
         owners = await conn.fetch(
             f"""{BENCH_TAG} SELECT owner, count(*) AS n FROM step_attempts
                 WHERE step = $1 AND attempt = 1 GROUP BY owner ORDER BY owner""",
@@ -544,7 +549,7 @@ async def _kafka_floor(
     return out
 
 
-def _latency_figures(pub: Mapping[str, Any], rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def _latency_figures(pub: Mapping[str, Any], rows: Sequence[asyncpg.Record]) -> dict[str, Any]:
     sent: Mapping[str, float] = pub["sent"]
     first, finished, kafka_first = [], [], []
     stages: dict[str, list[float]] = {
