@@ -121,23 +121,28 @@ RETURNING id, rule, trigger_key
 
 # A batch of events whose matches are all simple rules, in one statement (so in autocommit,
 # one round trip): new events, and for each new event the runs it triggers, pending or
-# (``own``) claimed by the ingesting daemon. Redelivered events create nothing.
+# (``own``) claimed by the ingesting daemon. Redelivered events create nothing. JSON values
+# travel as bytea and are cast in SQL: asyncpg binds bytea natively, jsonb through a
+# Python codec call per value.
 INGEST_SIMPLE = """
 WITH ev AS (
     INSERT INTO events (source, event_id, type, subject, event_time, dataset, partition_key,
                         envelope, topic, kafka_partition, kafka_offset, published_at,
                         traceparent, tracestate, contract_error)
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
-                         $6::text[], $7::text[], $8::jsonb[], $9::text[], $10::int[],
-                         $11::bigint[], $12::timestamptz[], $13::text[], $14::text[],
-                         $15::text[])
+    SELECT s, i, t, sub, et, ds, pk, convert_from(env, 'UTF8')::jsonb, tp, kp, ko, pa, trp,
+           trs, ce
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
+                $6::text[], $7::text[], $8::bytea[], $9::text[], $10::int[], $11::bigint[],
+                $12::timestamptz[], $13::text[], $14::text[], $15::text[])
+         AS u(s, i, t, sub, et, ds, pk, env, tp, kp, ko, pa, trp, trs, ce)
     ON CONFLICT (source, event_id) DO NOTHING
     RETURNING id, source, event_id, published_at, traceparent, tracestate
 ), ru AS (
     INSERT INTO runs (rule, trigger_key, pipeline, priority, params, event_ids, first_event_at,
                       traceparent, tracestate, status, lease_owner, lease_expires_at, claims,
                       started_at)
-    SELECT u.rule, u.k, u.p, u.pr, u.pa, ARRAY[ev.id], ev.published_at, ev.traceparent,
+    SELECT u.rule, u.k, u.p, u.pr, convert_from(u.pa, 'UTF8')::jsonb, ARRAY[ev.id],
+           ev.published_at, ev.traceparent,
            ev.tracestate,
            CASE WHEN u.own THEN 'running' ELSE 'pending' END,
            CASE WHEN u.own THEN $24::text END,
@@ -145,7 +150,7 @@ WITH ev AS (
            CASE WHEN u.own THEN 1 ELSE 0 END,
            CASE WHEN u.own THEN now() END
     FROM unnest($16::text[], $17::text[], $18::text[], $19::text[], $20::text[], $21::int[],
-                $22::jsonb[], $23::bool[]) AS u(src, eid, rule, k, p, pr, pa, own)
+                $22::bytea[], $23::bool[]) AS u(src, eid, rule, k, p, pr, pa, own)
     JOIN ev ON ev.source = u.src AND ev.event_id = u.eid
     ON CONFLICT (rule, trigger_key) DO NOTHING
     RETURNING id, rule, trigger_key, status

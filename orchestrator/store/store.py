@@ -142,9 +142,9 @@ _RECORD_AND_FINISH = """
 WITH a AS (
     INSERT INTO step_attempts (run_id, step, attempt, status, output, error, owner, started_at,
                                finished_at, skipped)
-    SELECT u.run_id, u.step, u.attempt, u.status, u.output, u.error, $10, u.started_at,
-           u.finished_at, u.skipped
-    FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::jsonb[], $6::text[],
+    SELECT u.run_id, u.step, u.attempt, u.status, convert_from(u.output, 'UTF8')::jsonb,
+           u.error, $10, u.started_at, u.finished_at, u.skipped
+    FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::bytea[], $6::text[],
                 $7::timestamptz[], $8::timestamptz[], $9::bool[])
          AS u(run_id, step, attempt, status, output, error, started_at, finished_at, skipped)
     JOIN runs r ON r.id = u.run_id AND r.lease_owner = $10
