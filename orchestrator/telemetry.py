@@ -24,6 +24,7 @@ __all__ = [
     "inject_headers",
     "install",
     "records",
+    "span_context_from_traceparent",
     "traceparent_from_headers",
     "traceparent_of",
 ]
@@ -108,19 +109,33 @@ def context_from_traceparent(traceparent: str | None, tracestate: str | None = N
     """The context a stored ``traceparent``/``tracestate`` pair describes (empty if invalid)."""
     if traceparent is not None and not tracestate and _TRACEPARENT.match(traceparent):
         # The common case, parsed directly: the propagator's regex and checks cost more.
-        span = trace.NonRecordingSpan(
-            trace.SpanContext(
-                trace_id=int(traceparent[3:35], 16),
-                span_id=int(traceparent[36:52], 16),
-                is_remote=True,
-                trace_flags=trace.TraceFlags(int(traceparent[53:55], 16)),
-            )
-        )
+        span = trace.NonRecordingSpan(_parse(traceparent))
         return trace.set_span_in_context(span, Context())
     carrier = {"traceparent": traceparent or ""}
     if tracestate:
         carrier["tracestate"] = tracestate
     return _propagator.extract(carrier)
+
+
+def span_context_from_traceparent(
+    traceparent: str | None, tracestate: str | None = None
+) -> trace.SpanContext:
+    """The span context of :func:`context_from_traceparent` (invalid if there is none)."""
+    if traceparent is not None and not tracestate and _TRACEPARENT.match(traceparent):
+        return _parse(traceparent)
+    return trace.get_current_span(
+        context_from_traceparent(traceparent, tracestate)
+    ).get_span_context()
+
+
+def _parse(traceparent: str) -> trace.SpanContext:
+    """A version-00 ``traceparent`` that matched ``_TRACEPARENT``."""
+    return trace.SpanContext(
+        trace_id=int(traceparent[3:35], 16),
+        span_id=int(traceparent[36:52], 16),
+        is_remote=True,
+        trace_flags=trace.TraceFlags(int(traceparent[53:55], 16)),
+    )
 
 
 class Instruments:

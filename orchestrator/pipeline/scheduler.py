@@ -23,11 +23,12 @@ from __future__ import annotations
 import logging
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import anyio
+import anyio.lowlevel
 from anyio.abc import TaskStatus
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -46,7 +47,11 @@ from orchestrator.pipeline.retry import RetryPolicy
 from orchestrator.pipeline.runner import Runner
 from orchestrator.store import AttemptWrite, ClaimedRun, RunFinish, Store
 from orchestrator.store.batch import RunOwner
-from orchestrator.telemetry import Telemetry, context_from_traceparent
+from orchestrator.telemetry import (
+    Telemetry,
+    context_from_traceparent,
+    span_context_from_traceparent,
+)
 
 __all__ = ["Scheduler"]
 
@@ -58,7 +63,7 @@ StopReason = Literal["cancelled", "interrupted", "lost"]
 @dataclass(slots=True)
 class _InFlight:
     run: ClaimedRun
-    scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
+    scope: anyio.CancelScope
     claimed: bool = False
     """Taken from the shared queue (not handed over by the local intake)."""
     reason: StopReason | None = None
@@ -154,6 +159,7 @@ class Scheduler:
         self._inflight: dict[int, _InFlight] = {}
         """Runs held here: queued, executing, or finished and not yet durable."""
         self._queue: deque[_InFlight] = deque()
+        self._new_scope: Callable[[], anyio.CancelScope] | None = None
         """Runs held here that no worker has started."""
         self._busy = 0
         """Workers executing a run."""
@@ -273,7 +279,9 @@ class Scheduler:
         return n
 
     def _enqueue(self, run: ClaimedRun, *, front: bool = False) -> None:
-        inflight = _InFlight(run, claimed=front)
+        if self._new_scope is None:  # the running backend's class, looked up once
+            self._new_scope = anyio.lowlevel.current_token().backend_class.create_cancel_scope
+        inflight = _InFlight(run, self._new_scope(), claimed=front)
         self._inflight[run.id] = inflight
         if front:
             self._queue.appendleft(inflight)
@@ -560,9 +568,7 @@ def _unrecorded_run_span(run: ClaimedRun) -> trace.Span:
     """The run span a tracer that never records would start (see ``Telemetry.recording``):
     in the triggering event's trace (a new one if it has none), with a span id of its own
     and the sampled flag cleared. Built directly; steps of the run use it as their span."""
-    parent = trace.get_current_span(
-        context_from_traceparent(run.traceparent, run.tracestate)
-    ).get_span_context()
+    parent = span_context_from_traceparent(run.traceparent, run.tracestate)
     if parent.is_valid:
         trace_id, flags = parent.trace_id, int(parent.trace_flags) & ~trace.TraceFlags.SAMPLED
     else:

@@ -10,6 +10,7 @@ from orchestrator.telemetry import (
     extract_headers,
     inject_headers,
     records,
+    span_context_from_traceparent,
     traceparent_from_headers,
     traceparent_of,
 )
@@ -142,3 +143,14 @@ def test_context_from_traceparent_matches_the_propagator() -> None:
         got = trace.get_current_span(context_from_traceparent(value, state)).get_span_context()
         assert got == want, value
         assert got.trace_state == want.trace_state
+
+
+def test_span_context_from_traceparent_matches_the_context() -> None:
+    for value, state in [
+        ("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", None),
+        ("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-03", "k=v"),
+        ("garbage", None),
+        (None, None),
+    ]:
+        want = trace.get_current_span(context_from_traceparent(value, state)).get_span_context()
+        assert span_context_from_traceparent(value, state) == want, value
