@@ -163,7 +163,8 @@ class Scheduler:
         """Runs held here that no worker has started."""
         self._busy = 0
         """Workers executing a run."""
-        self._work = anyio.Event()
+        self._idle_workers: deque[anyio.Event] = deque()
+        """One event per worker waiting for a run: a new run wakes one worker, not all."""
         self._room = anyio.Event()
         self._room.set()
         self._wake = anyio.Event()
@@ -289,7 +290,8 @@ class Scheduler:
             self._queue.append(inflight)
         if self._idle.is_set():
             self._idle = anyio.Event()
-        self._work.set()
+        if self._idle_workers:
+            self._idle_workers.popleft().set()
 
     def _forget(self, inflight: _InFlight) -> None:
         run_id = inflight.run.id
@@ -319,11 +321,12 @@ class Scheduler:
 
     async def _worker(self) -> None:
         queue = self._queue
+        new_event = anyio.lowlevel.current_token().backend_class.create_event
         while True:
             if not queue:
-                if self._work.is_set():
-                    self._work = anyio.Event()
-                await self._work.wait()
+                woken = new_event()
+                self._idle_workers.append(woken)
+                await woken.wait()
                 continue
             inflight = queue.popleft()
             if len(queue) < self._settings.queue_depth:
@@ -443,7 +446,10 @@ class Scheduler:
         except Exception:
             log.exception("run %d: internal error; returning it to the queue", run.id)
             with anyio.move_on_after(5, shield=True):
-                await self._store.release_run(run.id, self.owner)
+                try:
+                    await self._store.release_run(run.id, self.owner)
+                except StoreError as exc:  # its lease expires instead
+                    log.warning("run %d: could not return it to the queue: %s", run.id, exc)
             inflight.finishing = False
         if not inflight.finishing:
             self._forget(inflight)

@@ -91,7 +91,7 @@ async def test_two_daemons_killed_and_restarted_lose_and_duplicate_nothing(
 
     result = await audit(pg_dsn, pg_schema.name, load, effects)
     report(capsys, result.line("kill-restart", daemons=2, kills=kills))
-    assert codes == [0, 0]
+    assert codes == [0, 0], "\n\n".join(d.log_tail() for d in daemons)
     assert result.events == len(load.rows)
     assert result.lost_runs == 0
     assert result.duplicate_runs == 0
