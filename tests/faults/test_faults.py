@@ -84,6 +84,10 @@ async def test_two_daemons_killed_and_restarted_lose_and_duplicate_nothing(
             tg.start_soon(killer)
             await publish_load(kafka_bootstrap, topic, 3000, poison=5, pause=0.03, load=load)
         await wait_settled(pg_dsn, pg_schema.name, load, daemons)
+        # The last restarted daemon may still be starting (no signal handler yet): SIGTERM
+        # must reach daemons that are up, or it kills them with the default action.
+        for d in daemons:
+            await d.ready()
         codes = [await d.stop() for d in daemons]
     finally:
         for d in daemons:
@@ -193,6 +197,7 @@ async def test_sigterm_mid_load_drains_then_restart_finishes(
         daemon.env["ORCH_FAULT_STEP_SECONDS"] = "0.002"
         await daemon.start()
         await wait_settled(pg_dsn, pg_schema.name, load, [daemon])
+        await daemon.ready()
         assert await daemon.stop() == 0
     finally:
         await daemon.aclose()
