@@ -101,21 +101,6 @@ FROM c WHERE r.id = c.id
 RETURNING {_CLAIMED}
 """
 
-_RECORD_ATTEMPTS = """
-INSERT INTO step_attempts (run_id, step, attempt, status, output, error, owner, started_at,
-                           finished_at, skipped)
-SELECT u.run_id, u.step, u.attempt, u.status, u.output, u.error, $10, u.started_at,
-       u.finished_at, u.skipped
-FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::jsonb[], $6::text[],
-            $7::timestamptz[], $8::timestamptz[], $9::bool[])
-     AS u(run_id, step, attempt, status, output, error, started_at, finished_at, skipped)
-JOIN runs r ON r.id = u.run_id AND r.lease_owner = $10
-ON CONFLICT (run_id, step, attempt) DO UPDATE
-SET status = excluded.status, output = excluded.output, error = excluded.error,
-    owner = excluded.owner, finished_at = excluded.finished_at, skipped = excluded.skipped
-RETURNING run_id
-"""
-
 _INSERT_OUTBOX = """
 INSERT INTO outbox (event_id, topic, key, value, headers, run_id, step)
 SELECT u.event_id, u.topic, u.key, u.value, u.headers, u.run_id, u.step
@@ -125,17 +110,7 @@ JOIN runs r ON r.id = u.run_id AND r.lease_owner = $8
 ON CONFLICT (event_id) DO NOTHING
 """
 
-_FINISH_RUNS = """
-UPDATE runs r
-SET status = u.status, finished_at = now(), failed_step = u.failed_step, error = u.error,
-    lease_owner = NULL, lease_expires_at = NULL
-FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[])
-     AS u(id, status, failed_step, error)
-WHERE r.id = u.id AND r.lease_owner = $5 AND r.status = 'running'
-RETURNING r.id
-"""
-
-# Attempts and outcomes in one statement (autocommit: one round trip). Both read the runs
+# Attempts and outcomes in one statement (alone, in autocommit: one round trip). Both read the runs
 # as they were before the statement, so a run finished here still has its lease for the
 # attempts written with it.
 _RECORD_AND_FINISH = """
@@ -407,72 +382,38 @@ class Store:
         Returns (runs whose attempts were refused because the lease was lost, runs whose
         outcome or release was recorded).
         """
-        lost: set[int] = set()
-        finished: set[int] = set()
-        if not releases and not outbox and not notify_finished:
-            return await self._record_and_finish(owner, attempts, finishes)
-        async with acquire(self.pool, "record outcomes") as conn, conn.transaction():
-            if attempts:
-                cols = _attempt_columns(attempts)
-                rows = await conn.fetch(_RECORD_ATTEMPTS, *cols, owner)
-                written = {r["run_id"] for r in rows}
-                lost = {a.run_id for a in attempts} - written
-            if outbox:
-                await conn.execute(
-                    _INSERT_OUTBOX,
-                    [o.event_id for o in outbox],
-                    [o.topic for o in outbox],
-                    [o.key for o in outbox],
-                    [o.value for o in outbox],
-                    [_json.encode(o.headers) for o in outbox],
-                    [o.run_id for o in outbox],
-                    [o.step for o in outbox],
-                    owner,
-                )
-                await conn.execute("SELECT pg_notify($1, '')", self.outbox_channel)
-            if finishes:
-                rows = await conn.fetch(
-                    _FINISH_RUNS,
-                    [f.run_id for f in finishes],
-                    [f.status for f in finishes],
-                    [f.failed_step for f in finishes],
-                    [f.error for f in finishes],
-                    owner,
-                )
-                finished = {r["id"] for r in rows}
-            if releases:
-                rows = await conn.fetch(
-                    """UPDATE runs SET status = 'pending', lease_owner = NULL,
-                           lease_expires_at = NULL
-                       WHERE id = ANY($1::bigint[]) AND lease_owner = $2
-                         AND status = 'running'
-                       RETURNING id""",
-                    list(releases),
-                    owner,
-                )
-                finished |= {r["id"] for r in rows}
-            if finished and notify_finished:
-                await conn.execute("SELECT pg_notify($1, '')", self.runs_channel)
-        return lost, finished
-
-    async def _record_and_finish(
-        self, owner: str, attempts: Sequence[AttemptWrite], finishes: Sequence[RunFinish]
-    ) -> tuple[set[int], set[int]]:
-        """:meth:`record_outcomes` for attempts and outcomes only: one statement."""
-        cols = _attempt_columns(attempts) or [[] for _ in range(9)]
         async with acquire(self.pool, "record outcomes") as conn:
-            rows = await conn.fetch(
-                _RECORD_AND_FINISH,
-                *cols,
-                owner,
-                [f.run_id for f in finishes],
-                [f.status for f in finishes],
-                [f.failed_step for f in finishes],
-                [f.error for f in finishes],
-            )
-        written = {r["id"] for r in rows if not r["finished"]}
-        finished = {r["id"] for r in rows if r["finished"]}
-        return {a.run_id for a in attempts} - written, finished
+            if not releases and not outbox and not notify_finished:
+                return await _record_and_finish(conn, owner, attempts, finishes)  # autocommit
+            async with conn.transaction():
+                if outbox:  # before the outcomes: it is fenced by the lease they release
+                    await conn.execute(
+                        _INSERT_OUTBOX,
+                        [o.event_id for o in outbox],
+                        [o.topic for o in outbox],
+                        [o.key for o in outbox],
+                        [o.value for o in outbox],
+                        [_json.encode(o.headers) for o in outbox],
+                        [o.run_id for o in outbox],
+                        [o.step for o in outbox],
+                        owner,
+                    )
+                    await conn.execute("SELECT pg_notify($1, '')", self.outbox_channel)
+                lost, finished = await _record_and_finish(conn, owner, attempts, finishes)
+                if releases:
+                    rows = await conn.fetch(
+                        """UPDATE runs SET status = 'pending', lease_owner = NULL,
+                               lease_expires_at = NULL
+                           WHERE id = ANY($1::bigint[]) AND lease_owner = $2
+                             AND status = 'running'
+                           RETURNING id""",
+                        list(releases),
+                        owner,
+                    )
+                    finished |= {r["id"] for r in rows}
+                if finished and notify_finished:
+                    await conn.execute("SELECT pg_notify($1, '')", self.runs_channel)
+        return lost, finished
 
     async def release_run(self, run_id: int, owner: str) -> bool:
         """Give a run back to the queue (interrupted by shutdown); any daemon resumes it."""
@@ -725,8 +666,15 @@ class Store:
                 await conn.close(timeout=2)
 
 
-def _attempt_columns(attempts: Sequence[AttemptWrite]) -> list[list[Any]]:
-    return columns(
+async def _record_and_finish(
+    conn: asyncpg.Connection,
+    owner: str,
+    attempts: Sequence[AttemptWrite],
+    finishes: Sequence[RunFinish],
+) -> tuple[set[int], set[int]]:
+    """Attempts and outcomes in one statement. Returns (runs whose attempts were refused
+    because the lease was lost, runs whose outcome was recorded)."""
+    cols = columns(
         (
             a.run_id,
             a.step,
@@ -739,4 +687,16 @@ def _attempt_columns(attempts: Sequence[AttemptWrite]) -> list[list[Any]]:
             a.skipped,
         )
         for a in attempts
+    ) or [[] for _ in range(9)]
+    rows = await conn.fetch(
+        _RECORD_AND_FINISH,
+        *cols,
+        owner,
+        [f.run_id for f in finishes],
+        [f.status for f in finishes],
+        [f.failed_step for f in finishes],
+        [f.error for f in finishes],
     )
+    written = {r["id"] for r in rows if not r["finished"]}
+    finished = {r["id"] for r in rows if r["finished"]}
+    return {a.run_id for a in attempts} - written, finished
