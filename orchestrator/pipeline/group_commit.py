@@ -6,7 +6,8 @@ gathers attempts, outcomes and releases while a write is in flight and writes th
 one transaction. Nothing a step does waits for it: a step in flight at a crash runs again
 anyway, and a run counts as finished (``on_finished``) only once its outcome and every
 attempt before it are durable; until then its lease is held and renewed like any other.
-:meth:`OutcomeWriter.room` bounds what may be queued.
+:meth:`OutcomeWriter.room` bounds what may be queued: steps keep running while a write is
+in flight (they fill the next one), and wait only when the next one is full too.
 
 Writes are fenced by the lease: rows of runs this daemon no longer holds are refused,
 and ``on_lost`` is told, so a daemon that lost a run stops executing it.
@@ -57,7 +58,7 @@ class OutcomeWriter:
     ) -> None:
         """``on_finished`` receives, after each write, the outcomes it carried and whether
         each was recorded (False: the lease had been lost). ``max_pending`` queued rows make
-        :meth:`room` wait for the write in flight. ``notify_finished``: tell other daemons
+        :meth:`room` wait until a write takes them. ``notify_finished``: tell other daemons
         when runs finish (they may be waiting to start runs under a concurrency limit)."""
         self._store = store
         self._owner = owner
@@ -74,6 +75,8 @@ class OutcomeWriter:
         self._pending = anyio.Event()
         self._next = _Flush()
         """The write that will carry what is queued now."""
+        self._taken = anyio.Event()
+        """Set when a write takes what is queued (see :meth:`room`)."""
         self.flushes = 0
 
     def add_attempt(self, attempt: AttemptWrite) -> None:
@@ -105,9 +108,10 @@ class OutcomeWriter:
         return ids & flush.held
 
     async def room(self) -> None:
-        """Wait for the write in flight while too much is queued (backpressure on steps)."""
+        """Wait while more than ``max_pending`` rows are queued, until a write takes them
+        (backpressure on steps: one write in flight, at most one more queued)."""
         while len(self._attempts) + len(self._finishes) > self._max_pending:
-            await self._next.done.wait()
+            await self._taken.wait()
 
     @property
     def idle(self) -> bool:
@@ -128,6 +132,8 @@ class OutcomeWriter:
         finishes, self._finishes = self._finishes, {}
         releases, self._releases = self._releases, set()
         outbox, self._outbox = self._outbox, []
+        taken, self._taken = self._taken, anyio.Event()
+        taken.set()
         if not (attempts or finishes or releases or outbox):
             flush.done.set()
             return

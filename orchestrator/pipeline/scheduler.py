@@ -21,6 +21,7 @@ a third of the lease covers expired leases.
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -58,6 +59,9 @@ __all__ = ["Scheduler"]
 log = logging.getLogger(__name__)
 
 StopReason = Literal["cancelled", "interrupted", "lost"]
+
+_SLICE = 0.01
+"""Seconds a worker executes runs back to back before it yields to the event loop."""
 
 
 @dataclass(slots=True)
@@ -322,6 +326,8 @@ class Scheduler:
     async def _worker(self) -> None:
         queue = self._queue
         new_event = anyio.lowlevel.current_token().backend_class.create_event
+        clock = time.monotonic
+        slice_ends = clock() + _SLICE
         while True:
             if not queue:
                 woken = new_event()
@@ -339,6 +345,11 @@ class Scheduler:
             if self._more:
                 self._wake.set()  # a worker is free and the shared queue may hold more
             await self.writer.room()
+            if clock() >= slice_ends:
+                # Runs whose steps never wait would keep the event loop to themselves: let
+                # the writer, the intake and the heartbeat in.
+                await anyio.lowlevel.checkpoint()
+                slice_ends = clock() + _SLICE
 
     async def _claim_loop(self) -> None:
         attempt = 0
