@@ -6,7 +6,9 @@ whose sampler is ``ALWAYS_OFF`` (what the daemon installs without an exporter).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -230,3 +232,46 @@ def test_the_context_log_is_built_on_first_use_with_the_run_fields() -> None:
     assert ctx.log.extra == {"run_id": 3, "pipeline": "p", "step": "s", "attempt": 2}
     default = StepContext.create(run_id=3, pipeline="p", step="s")
     assert default.log.logger is logging.getLogger("orchestrator.steps.p")
+
+
+async def test_a_step_that_swallows_its_timeout_leaves_the_run_uncancelled(h: Harness) -> None:
+    p = Pipeline("orders")
+
+    @p.step(timeout=0.01, retry=1)
+    async def stubborn(ctx: StepContext) -> str:
+        try:
+            await anyio.sleep(5)
+        except BaseException:  # the point: it ignores the timeout
+            return "ignored"
+        return "slept"
+
+    @p.step
+    async def after(ctx: StepContext, stubborn: str) -> str:
+        task = asyncio.current_task()
+        assert task is not None
+        assert task.cancelling() == 0  # no cancellation left pending
+        await anyio.sleep(0.02)
+        return stubborn
+
+    outcome = await h.run(p)
+    assert outcome.status == "succeeded"
+    assert h.recorder.statuses() == {"stubborn": ["succeeded"], "after": ["succeeded"]}
+
+
+async def test_a_cancellation_arriving_with_a_step_timeout_propagates(h: Harness) -> None:
+    p = Pipeline("orders")
+    scope = anyio.CancelScope()
+
+    @p.step(timeout=0.01, retry=2)
+    async def slow(ctx: StepContext) -> None:
+        scope.cancel()
+        time.sleep(0.03)  # noqa: ASYNC251 - past the deadline: both fire at the next await
+        await anyio.sleep(5)
+
+    outcomes: list[RunOutcome] = []
+    with anyio.fail_after(5):
+        with scope:
+            outcomes.append(await h.run(p))
+    assert outcomes == []
+    assert scope.cancelled_caught
+    assert h.recorder.statuses() == {"slow": ["cancelled"]}
