@@ -3,7 +3,8 @@
 Run ``python -m bench.runner`` from the repository root. It executes ``--runs`` runs of a
 3-step chain ``a -> b -> c`` and of a 1-step pipeline, ``--concurrency`` at once, under
 uvloop, with what the daemon uses without an exporter: a tracer from a ``TracerProvider``
-with the ``ALWAYS_OFF`` sampler, a meter from a ``MeterProvider`` without readers, and a
+with the ``ALWAYS_OFF`` sampler, the API's no-op meter (``--sdk-meter``: an SDK
+``MeterProvider`` without readers, what every histogram record costs with one), and a
 recorder that only appends what it is given to a list (as the daemon's recorder hands
 attempts to its group-commit writer). Each run executes inside a ``run <pipeline>`` span,
 as the scheduler does.
@@ -30,7 +31,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import anyio
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider, sampling
 
@@ -116,7 +117,11 @@ async def measure(
 
 async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     tracer = TracerProvider(sampler=sampling.ALWAYS_OFF).get_tracer("bench")
-    meter = MeterProvider().get_meter("bench")
+    meter = (
+        MeterProvider().get_meter("bench")
+        if args.sdk_meter
+        else metrics.NoOpMeterProvider().get_meter("bench")
+    )
     recorder = ListRecorder()
     runner = Runner(recorder, tracer=tracer, meter=meter)
     figures = []
@@ -161,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=20_000, help="runs per measurement")
     parser.add_argument("--concurrency", type=int, default=64, help="runs executing at once")
     parser.add_argument("--repeat", type=int, default=3, help="measurements; the best counts")
+    parser.add_argument(
+        "--sdk-meter", action="store_true", help="an SDK meter provider instead of the no-op"
+    )
     parser.add_argument("--no-write", action="store_true", help="do not write the JSON file")
     args = parser.parse_args(argv)
     figures = anyio.run(bench, args, backend_options={"use_uvloop": True})
@@ -173,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": platform.machine(),
         "python": platform.python_version(),
         "method": f"best of {args.repeat}; CPU = process time over the whole measurement",
+        "meter": "sdk" if args.sdk_meter else "no-op",
         "figures": figures,
     }
     if not args.no_write:
