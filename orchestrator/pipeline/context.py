@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+import msgspec
+from msgspec.structs import force_setattr
 from opentelemetry import trace
 
 from orchestrator.errors import PipelineError
@@ -18,9 +19,11 @@ __all__ = ["StepContext"]
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class StepContext:
-    """What one attempt of a step knows about its run. Read-only."""
+class StepContext(msgspec.Struct, frozen=True, kw_only=True, dict=False):
+    """What one attempt of a step knows about its run. Read-only.
+
+    A frozen struct rather than a dataclass: every attempt builds one, and a struct is built
+    in a tenth of the time."""
 
     run_id: int
     """The run's id; stable across retries and resumes, so usable as an idempotency key."""
@@ -41,13 +44,12 @@ class StepContext:
     """Connectors configured for the daemon, by name."""
     map_index: int | None = None
     """The item's index in the mapped list, for an item of a mapped step; else ``None``."""
-    emitted: list[Arrival] = field(default_factory=list)
+    emitted: list[Arrival] = msgspec.field(default_factory=list)
     """Arrivals announced with :meth:`emit` during this attempt."""
-    _logger: logging.Logger | None = field(default=None, repr=False, compare=False)
+    _logger: logging.Logger | None = None
     """The logger behind :attr:`log`; ``None``: ``orchestrator.steps.<pipeline>``."""
-    _log: logging.LoggerAdapter[logging.Logger] | None = field(
-        default=None, init=False, repr=False, compare=False
-    )
+    _log: logging.LoggerAdapter[logging.Logger] | None = None
+    """Built on first use of :attr:`log`, then kept."""
 
     @property
     def log(self) -> logging.LoggerAdapter[logging.Logger]:
@@ -62,7 +64,7 @@ class StepContext:
                 "attempt": self.attempt,
             }
             adapter = logging.LoggerAdapter(logger, extra)
-            object.__setattr__(self, "_log", adapter)  # built on first use, then kept
+            force_setattr(self, "_log", adapter)  # built on first use, then kept
         return adapter
 
     def emit(
