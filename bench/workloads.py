@@ -506,7 +506,8 @@ async def _kafka_floor(
     consumer = AIOKafkaConsumer(
         bootstrap_servers=s.infra.bootstrap,
         enable_auto_commit=False,
-        fetch_max_wait_ms=10,  # as the daemon fetches (kafka.fetch_max_wait_ms)
+        # As the daemon fetches (kafka.fetch_max_wait_ms, default 10).
+        fetch_max_wait_ms=int(_daemon_setting(s, "kafka", "fetch_max_wait_ms", 10)),
     )
     out: dict[str, Any] = {}
     try:
