@@ -20,6 +20,8 @@ from aiokafka import AIOKafkaProducer
 
 from bench.infra import (
     BENCH_TAG,
+    TANSU_HEARTBEAT_INTERVAL_MS,
+    TANSU_SESSION_TIMEOUT_MS,
     Child,
     DaemonProcess,
     Infra,
@@ -91,8 +93,8 @@ async def w0_limit(s: Session, events: int) -> dict[str, Any]:
             "table": f"bench_w0_{uid}",
             "events": events,
             "max_batch": max_batch,
-            "session_timeout_ms": 3000,
-            "heartbeat_interval_ms": 500,
+            "session_timeout_ms": TANSU_SESSION_TIMEOUT_MS,
+            "heartbeat_interval_ms": TANSU_HEARTBEAT_INTERVAL_MS,
         }
         try:
             out = await run_worker("limit", params, limit=s.timeout, workdir=s.workdir)
