@@ -265,6 +265,25 @@ async def test_store_migrations_are_idempotent(pg_dsn: str, pg_schema: PgSchema)
     assert second == []
 
 
+async def test_hot_path_tables_carry_only_the_indexes_their_queries_use(
+    pg_dsn: str, pg_schema: PgSchema
+) -> None:
+    # Every run writes its attempts and changes its status: each index there costs an entry
+    # per write. Attempts are read by run_id only (the primary key's prefix).
+    async with Store.open(pg_dsn, schema=pg_schema.name, min_size=1, max_size=2) as store:
+        await store.migrate()
+        async with store.pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT tablename, indexname FROM pg_indexes WHERE schemaname = $1"
+                " AND tablename IN ('runs', 'step_attempts')",
+                pg_schema.name,
+            )
+    indexes = {(r["tablename"], r["indexname"]) for r in rows}
+    assert {i for t, i in indexes if t == "step_attempts"} == {"step_attempts_pkey"}
+    assert ("runs", "runs_status_idx") not in indexes
+    assert ("runs", "runs_pending_idx") in indexes  # claims still have theirs
+
+
 async def test_dead_letter_redrive_after_raising_the_size_limit(
     kafka_bootstrap: str, topic: str, pg_dsn: str, pg_schema: PgSchema, tmp_path: Path
 ) -> None:
