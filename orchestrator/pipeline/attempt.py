@@ -12,7 +12,6 @@ own: the run's fires first, and the attempt is recorded ``failed`` for the run's
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -127,10 +126,6 @@ class Attempts:
         self._cancel_scope = backend.create_cancel_scope
         """``anyio.current_time`` and ``anyio.CancelScope`` of the running backend, without
         looking the backend up at each call."""
-        self._loop = _asyncio_loop()
-        """The running asyncio loop (``None`` on another backend): step timeouts are then
-        a timer that cancels the task, as ``asyncio.timeout`` does, instead of a cancel scope
-        with a deadline (a third of the cost, paid by every attempt)."""
         self.deadline = math.inf
         """The run's deadline (``anyio.current_time()`` clock), set once its scope exists."""
 
@@ -300,32 +295,10 @@ class Attempts:
         deadline = self._now() + timeout
         if self.deadline < deadline:  # the run's own scope fires first: the attempt's is moot
             return await call(ctx)
-        loop = self._loop
-        if loop is None:
-            with self._cancel_scope(deadline=deadline):
-                return await call(ctx)
-            # Only its deadline cancels this scope, and the scope swallowed that cancellation.
-            raise TimeoutError(f"step {label!r} did not finish within {timeout:g}s")
-        task = asyncio.current_task()
-        if task is None:  # pragma: no cover - an attempt always runs in a task
-            raise RuntimeError("a step attempt must run in an asyncio task")
-        cancelling = task.cancelling()
-        expiry = _Expiry(task)
-        handle = loop.call_at(deadline, expiry)
-        try:
+        with self._cancel_scope(deadline=deadline):
             return await call(ctx)
-        except asyncio.CancelledError:
-            if expiry.fired:
-                expiry.fired = False
-                if task.uncancel() <= cancelling:  # nothing else cancelled the task
-                    raise TimeoutError(
-                        f"step {label!r} did not finish within {timeout:g}s"
-                    ) from None
-            raise
-        finally:
-            handle.cancel()
-            if expiry.fired:  # it fired, but the step returned or raised without seeing it
-                task.uncancel()
+        # Only its deadline cancels this scope, and the scope swallowed that cancellation.
+        raise TimeoutError(f"step {label!r} did not finish within {timeout:g}s")
 
     def record(
         self,
@@ -400,27 +373,6 @@ class Attempts:
             if len(_DURATION_ATTRIBUTES) < _DURATION_ATTRIBUTES_LIMIT:
                 _DURATION_ATTRIBUTES[key] = attrs
         self.runner.duration.record(max(_monotonic() - t0, 0.0), attrs)
-
-
-class _Expiry:
-    """The timer callback of a step's timeout: cancels the task running the attempt."""
-
-    __slots__ = ("fired", "task")
-
-    def __init__(self, task: asyncio.Task[Any]) -> None:
-        self.task = task
-        self.fired = False
-
-    def __call__(self) -> None:
-        self.fired = True
-        self.task.cancel()
-
-
-def _asyncio_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
 
 
 def _frozen(mapping: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -275,3 +275,21 @@ async def test_a_cancellation_arriving_with_a_step_timeout_propagates(h: Harness
     assert outcomes == []
     assert scope.cancelled_caught
     assert h.recorder.statuses() == {"slow": ["cancelled"]}
+
+
+async def test_a_step_timeout_waits_for_a_shielded_section_of_the_step(h: Harness) -> None:
+    # Connectors release what they hold under a shield: a timeout must not cut that short.
+    p = Pipeline("orders")
+    finished: list[str] = []
+
+    @p.step(timeout=0.01, retry=1)
+    async def careful(ctx: StepContext) -> None:
+        with anyio.CancelScope(shield=True):
+            await anyio.sleep(0.05)
+            finished.append("shielded")
+        await anyio.sleep(5)
+
+    outcome = await h.run(p)
+    assert finished == ["shielded"]
+    assert outcome.status == "failed"
+    assert "did not finish within 0.01s" in (outcome.error or "")
