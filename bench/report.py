@@ -40,8 +40,14 @@ def render(doc: Mapping[str, Any], targets: list[Target]) -> str:
         f"PostgreSQL {pg.get('server_version', '?')} fsync={pg.get('fsync', '?')} "
         f"synchronous_commit={pg.get('synchronous_commit', '?')}; broker: Tansu (embedded); "
         f"daemon code: {doc.get('daemon_source', 'working tree')}",
-        "",
     ]
+    speed = doc.get("speed_index") or {}
+    if speed:
+        lines.append(
+            "machine speed index (µs per round of bench/calibrate.py, lower is faster): "
+            + ", ".join(f"{k} {v:.2f}" for k, v in speed.items())
+        )
+    lines.append("")
     w = doc["workloads"]
     if "W0" in w:
         x = w["W0"]
