@@ -163,19 +163,22 @@ async def _run(args: argparse.Namespace, doc: dict[str, Any], workdir: Path) -> 
         "daemon_overrides": overrides, "workloads": sorted(only),
     }  # fmt: skip
     w: dict[str, Any] = doc["workloads"]
-    speed: dict[str, float] = doc.setdefault("speed_index", {})
+    speed: dict[str, float] = doc.setdefault("speed_index", {"start": speed_index()})
 
-    def note_speed(label: str) -> None:
-        speed[label] = speed_index()
+    async def guard(
+        name: str, coro: Awaitable[dict[str, Any]], label: str | None = None
+    ) -> dict[str, Any]:
+        """The workload's result (see :func:`_guard`); the machine's speed noted after it."""
+        result = await _guard(name, coro)
+        speed[f"after {label or name}"] = speed_index()
+        return result
 
-    note_speed("start")
     if "W3" in only:  # pure CPU: run it first, on an idle machine
         print("W3 matching ...", flush=True)
         sizes = [10_000] if quick else [10, 1_000, 10_000]
         s0 = wl.Session(infra=None, workdir=workdir, results_dir=RESULTS)  # type: ignore[arg-type]
         s0.timeout = args.timeout or 300.0
-        w["W3"] = await _guard("W3", wl.w3_matching(s0, sizes))
-        note_speed("after W3")
+        w["W3"] = await guard("W3", wl.w3_matching(s0, sizes))
     if not only - {"W3"}:
         return
 
@@ -195,32 +198,29 @@ async def _run(args: argparse.Namespace, doc: dict[str, Any], workdir: Path) -> 
         )
         if "W0" in only:
             print(f"W0 limit: {events:,} events ...", flush=True)
-            w["W0"] = await _guard("W0", wl.w0_limit(s, events))
-            note_speed("after W0")
+            w["W0"] = await guard("W0", wl.w0_limit(s, events))
         if only & {"W1", "W4", "W5"}:
             w["W1"] = {}
             print(f"W1 drain 3-step: {events:,} events ...", flush=True)
-            w["W1"]["chain3"] = await _guard("W1", wl.w1_drain(s, "w1-chain3", "chain3", events))
-            note_speed("after W1 3-step")
+            w["W1"]["chain3"] = await guard(
+                "W1", wl.w1_drain(s, "w1-chain3", "chain3", events), "W1 3-step"
+            )
             s.profile = False
             if "W1" in only:
                 print(f"W1 drain 1-step: {events:,} events ...", flush=True)
-                w["W1"]["single"] = await _guard(
-                    "W1", wl.w1_drain(s, "w1-single", "single", events)
+                w["W1"]["single"] = await guard(
+                    "W1", wl.w1_drain(s, "w1-single", "single", events), "W1 1-step"
                 )
-                note_speed("after W1 1-step")
             w0 = w.get("W0", {}).get("events_per_second")
             for x in w["W1"].values():
                 if w0 and x.get("runs_per_second"):
                     x["ratio_to_w0"] = x["runs_per_second"] / w0
         if "W2" in only:
             print(f"W2 latency: {rates} events/s, {rate_seconds:g} s each ...", flush=True)
-            w["W2"] = await _guard("W2", wl.w2_latency(s, rates, rate_seconds))
-            note_speed("after W2")
+            w["W2"] = await guard("W2", wl.w2_latency(s, rates, rate_seconds))
         if "W5" in only:
             print(f"W5 scale-out: {events:,} events, 2 daemons ...", flush=True)
-            two = await _guard("W5", wl.w1_drain(s, "w5-two", "chain3", events, daemons=2))
-            note_speed("after W5")
+            two = await guard("W5", wl.w1_drain(s, "w5-two", "chain3", events, daemons=2))
             one = w["W1"]["chain3"]
             w["W5"] = {"1 daemon": one, "2 daemons": two}
             if one.get("runs_per_second") and two.get("runs_per_second"):
@@ -233,9 +233,8 @@ async def _run(args: argparse.Namespace, doc: dict[str, Any], workdir: Path) -> 
                     for k, v in w.get("W1", {}).items()
                     if isinstance(v, dict)
                 },
-                "backlog": await _guard("W4", wl.w4_memory(s, backlog, window)),
+                "backlog": await guard("W4", wl.w4_memory(s, backlog, window)),
             }
-            note_speed("after W4")
         if "W1" not in only:  # ran only as a prerequisite of W4/W5: keep it under W5/W4
             w.pop("W1", None)
 
