@@ -88,6 +88,12 @@ def render(doc: Mapping[str, Any], targets: list[Target]) -> str:
                 "              p50 stages ms: "
                 + ", ".join(f"{k} {_n(v.get('p50'), 1)}" for k, v in st.items())
             )
+            series = ph.get("first_step_ms_per_second") or []
+            if series:
+                lines.append(
+                    "              p99 ms by second: "
+                    + " ".join(_n(row["p99"], 0) for row in series)
+                )
             if ph.get("cpu_seconds"):
                 busy = ph.get("machine_cpu_busy")
                 lines.append(

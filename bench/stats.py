@@ -13,6 +13,7 @@ from typing import Any
 __all__ = [
     "Target",
     "evaluate_targets",
+    "per_second",
     "percentile",
     "rate",
     "summarize",
@@ -55,6 +56,34 @@ def summarize(values: Iterable[float], *, scale: float = 1.0) -> dict[str, Any]:
         "p99": percentile(data, 99),
         "max": data[-1],
     }
+
+
+def per_second(
+    samples: Iterable[tuple[float, float]], *, scale: float = 1.0
+) -> list[dict[str, Any]]:
+    """Latency over time: ``samples`` are (when, value) pairs; one row per whole second
+    since the earliest ``when``, with the count, p50, p99 and max of its values times
+    ``scale``. Seconds without samples are left out."""
+    pairs = sorted(samples)
+    if not pairs:
+        return []
+    start = pairs[0][0]
+    buckets: dict[int, list[float]] = {}
+    for when, value in pairs:
+        buckets.setdefault(int(when - start), []).append(value * scale)
+    rows = []
+    for second in sorted(buckets):
+        data = sorted(buckets[second])
+        rows.append(
+            {
+                "second": second,
+                "count": len(data),
+                "p50": percentile(data, 50),
+                "p99": percentile(data, 99),
+                "max": data[-1],
+            }
+        )
+    return rows
 
 
 def rate(count: float, seconds: float | None) -> float | None:

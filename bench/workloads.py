@@ -32,7 +32,7 @@ from bench.infra import (
     write_config,
 )
 from bench.pipelines import FIRST_STEP
-from bench.stats import rate, summarize
+from bench.stats import per_second, rate, summarize
 from bench.worker import SOURCE, event_record
 
 __all__ = ["Session", "w0_limit", "w1_drain", "w2_latency", "w3_matching", "w4_memory"]
@@ -555,6 +555,7 @@ async def _kafka_floor(
 def _latency_figures(pub: Mapping[str, Any], rows: Sequence[asyncpg.Record]) -> dict[str, Any]:
     sent: Mapping[str, float] = pub["sent"]
     first, finished, kafka_first = [], [], []
+    over_time: list[tuple[float, float]] = []
     stages: dict[str, list[float]] = {
         "publish_to_ingest": [], "ingest_to_claim": [], "claim_to_first_step": [],
         "first_step_to_finished": [],
@@ -564,6 +565,7 @@ def _latency_figures(pub: Mapping[str, Any], rows: Sequence[asyncpg.Record]) -> 
         if t is None or r["step_start"] is None:
             continue
         first.append(r["step_start"] - t)
+        over_time.append((t, r["step_start"] - t))
         if r["kafka_ts"] is not None:
             kafka_first.append(r["step_start"] - r["kafka_ts"])
         stages["publish_to_ingest"].append(r["ingested"] - t)
@@ -586,6 +588,8 @@ def _latency_figures(pub: Mapping[str, Any], rows: Sequence[asyncpg.Record]) -> 
         "finished_ms": summarize(finished, scale=1000),
         "first_step_from_kafka_timestamp_ms": summarize(kafka_first, scale=1000),
         "stages_ms": {k: summarize(v, scale=1000) for k, v in stages.items()},
+        # By the second of publishing: shows whether the tail is steady or bursts.
+        "first_step_ms_per_second": per_second(over_time, scale=1000),
     }
 
 

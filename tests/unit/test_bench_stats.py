@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench.profile import parse_collapsed, summarize_profile
-from bench.stats import Target, evaluate_targets, percentile, rate, summarize
+from bench.stats import Target, evaluate_targets, per_second, percentile, rate, summarize
 
 
 def test_percentile_interpolates_linearly_like_numpy() -> None:
@@ -46,6 +46,16 @@ def test_summarize_of_nothing_has_no_statistics() -> None:
     assert summarize([]) == {
         "count": 0, "mean": None, "p50": None, "p95": None, "p99": None, "max": None,
     }  # fmt: skip
+
+
+def test_per_second_buckets_by_whole_seconds_from_the_first_sample() -> None:
+    rows = per_second([(10.9, 0.004), (10.0, 0.002), (12.5, 0.1), (10.5, 0.003)], scale=1000)
+    assert [r["second"] for r in rows] == [0, 2]  # second 1 had no samples
+    assert rows[0]["count"] == 3
+    assert rows[0]["p50"] == pytest.approx(3.0)
+    assert rows[0]["max"] == pytest.approx(4.0)
+    assert rows[1] == {"second": 2, "count": 1, "p50": 100.0, "p99": 100.0, "max": 100.0}
+    assert per_second([]) == []
 
 
 def test_rate_needs_a_positive_interval() -> None:
