@@ -36,7 +36,7 @@ from orchestrator.loading import load_pipelines, load_ruleset
 from orchestrator.outbox import OutboxRelay
 from orchestrator.pipeline import Pipeline
 from orchestrator.pipeline.scheduler import Scheduler
-from orchestrator.store import Store
+from orchestrator.store import KEY_LOOKUP_PLANNER, Store
 from orchestrator.telemetry import Telemetry
 from orchestrator.triggers import RuleSet
 
@@ -95,6 +95,7 @@ class Daemon:
                 max_size=s.postgres.pool_max,
                 sslmode=s.postgres.sslmode,
                 sslrootcert=s.postgres.sslrootcert,
+                planner=KEY_LOOKUP_PLANNER,
             )
             try:
                 return await stack.enter_async_context(cm)

@@ -1,6 +1,6 @@
 """Postgres state: events, runs, step attempts, dead letters. All SQL lives in this package."""
 
-from orchestrator.store.connection import create_pool, redact_dsn
+from orchestrator.store.connection import KEY_LOOKUP_PLANNER, create_pool, redact_dsn
 from orchestrator.store.migrate import available as available_migrations
 from orchestrator.store.migrate import migrate
 from orchestrator.store.records import (
@@ -22,6 +22,7 @@ from orchestrator.store.records import (
 from orchestrator.store.store import Store
 
 __all__ = [
+    "KEY_LOOKUP_PLANNER",
     "AttemptWrite",
     "ClaimedRun",
     "DeadLetter",

@@ -192,6 +192,7 @@ class Store:
         max_size: int = 10,
         sslmode: str = "",
         sslrootcert: str = "",
+        planner: dict[str, str] | None = None,
     ) -> AsyncIterator[Store]:
         pool = await create_pool(
             dsn,
@@ -200,6 +201,7 @@ class Store:
             max_size=max_size,
             sslmode=sslmode,
             sslrootcert=sslrootcert,
+            planner=planner,
         )
         try:
             yield cls(pool, schema=schema)

@@ -1,0 +1,129 @@
+"""The daemon's statements reach rows by key, whatever the tables' size when they were planned.
+
+asyncpg keeps statements prepared and Postgres reuses their plans: a plan made while a table
+is nearly empty scans it whole and stays in use as the table grows (until an ANALYZE).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import asyncpg
+import pytest
+
+from orchestrator import Pipeline, StepContext, new_arrival
+from orchestrator.kafka import open_producer, publish_event
+from orchestrator.store import KEY_LOOKUP_PLANNER, AttemptWrite, RunFinish, Store
+from orchestrator.triggers import Rule, RuleSet
+from tests.conftest import PgSchema
+from tests.support.helpers import Traced, fetch, make_settings, running_daemon, wait_for
+
+pytestmark = pytest.mark.anyio
+
+
+async def _running_runs(conn: asyncpg.Connection, n: int, first_key: int) -> list[int]:
+    rows = await conn.fetch(
+        """INSERT INTO runs (rule, trigger_key, pipeline, event_ids, status, lease_owner,
+                             lease_expires_at, claims, started_at)
+           SELECT 'r', 'k' || g, 'p', '{}', 'running', 'me', now() + interval '1 hour', 1, now()
+           FROM generate_series($1::int, $1::int + $2::int - 1) AS g
+           RETURNING id""",
+        first_key,
+        n,
+    )
+    return [r["id"] for r in rows]
+
+
+async def _record(store: Store, run_id: int) -> None:
+    now = datetime.now(UTC)
+    attempt = AttemptWrite(
+        run_id=run_id, step="s", attempt=1, status="succeeded", started_at=now, finished_at=now
+    )
+    lost, finished = await store.record_outcomes(
+        "me",
+        [attempt],
+        [RunFinish(run_id=run_id, status="succeeded")],
+        notify_finished=False,
+    )
+    assert (lost, finished) == (set(), {run_id})
+
+
+async def test_a_plan_made_on_an_empty_table_looks_runs_up_by_key_once_it_has_grown(
+    pg_dsn: str, pg_schema: PgSchema
+) -> None:
+    async with Store.open(
+        pg_dsn, schema=pg_schema.name, min_size=1, max_size=1, planner=KEY_LOOKUP_PLANNER
+    ) as store:
+        await store.migrate()
+        async with store.pool.acquire() as conn:
+            ids = await _running_runs(conn, 8, 0)
+        for run_id in ids:  # past the 5 executions after which Postgres may keep a plan
+            await _record(store, run_id)
+        async with store.pool.acquire() as conn:
+            await _running_runs(conn, 20_000, 100)  # grown, not analyzed
+            (name,) = [
+                r["name"]
+                for r in await conn.fetch(
+                    "SELECT name FROM pg_prepared_statements"
+                    " WHERE statement LIKE '%INSERT INTO step_attempts%'"
+                    " AND statement NOT LIKE '%pg_prepared_statements%'"
+                )
+            ]
+            now = datetime.now(UTC).isoformat()
+            plan = "\n".join(
+                r[0]
+                for r in await conn.fetch(
+                    f"EXPLAIN EXECUTE {name}('{{1}}', '{{s}}', '{{1}}', '{{succeeded}}',"
+                    f" '{{NULL}}', '{{NULL}}', '{{{now}}}', '{{{now}}}', '{{f}}', 'me', '{{1}}',"
+                    " '{succeeded}', '{NULL}', '{NULL}')"
+                )
+            )
+    assert "Seq Scan on runs" not in plan, plan
+    assert "runs_pkey" in plan, plan
+
+
+async def test_the_daemon_never_reads_a_hot_table_end_to_end(
+    kafka_bootstrap: str, topic: str, pg_dsn: str, pg_schema: PgSchema
+) -> None:
+    p = Pipeline("p")
+
+    @p.step()
+    async def a(ctx: StepContext) -> int:
+        return 1
+
+    @p.step()
+    async def b(ctx: StepContext, a: int) -> int:
+        return a + 1
+
+    rules = RuleSet.build([Rule(name="r", pipeline="p", match={"data": {"dataset": ["plans"]}})])
+    settings = make_settings(kafka_bootstrap, topic, pg_dsn, pg_schema.name)
+    async with Store.open(pg_dsn, schema=pg_schema.name, min_size=1, max_size=1) as store:
+        await store.migrate()  # index builds read the tables: counted before the daemon starts
+    before = await _seq_scans(pg_dsn, pg_schema.name)
+    traced = Traced()
+    async with running_daemon(settings, {"p": p}, rules, traced):
+        async with open_producer(settings) as producer:
+            for i in range(40):
+                event = new_arrival("plans", partition=str(i))
+                await publish_event(producer, topic, event, traced.telemetry.tracer)
+
+        async def done() -> bool:
+            rows = await fetch(
+                pg_dsn, pg_schema.name, "SELECT count(*) AS n FROM step_attempts WHERE step = 'b'"
+            )
+            return rows[0]["n"] == 40
+
+        await wait_for(done, within=30, what="40 runs of two steps")
+    # The daemon's connections are closed: their statistics are flushed.
+    assert await _seq_scans(pg_dsn, pg_schema.name) == before
+
+
+async def _seq_scans(dsn: str, schema: str) -> dict[str, int]:
+    rows = await fetch(
+        dsn,
+        schema,
+        "SELECT relname, seq_scan FROM pg_stat_user_tables WHERE schemaname = $1"
+        " AND relname IN ('events', 'runs')",
+        schema,
+    )
+    return {r["relname"]: r["seq_scan"] for r in rows}
