@@ -69,7 +69,7 @@ def render(doc: Mapping[str, Any], targets: list[Target]) -> str:
         for r, fl in x.get("kafka_only", {}).items():
             lines.append(
                 f"W2 {int(r):>5}/s  Kafka only (bare consumer, no daemon) publish->received ms: "
-                f"{_lat(fl)}"
+                f"{_lat(fl)}; broker {_n(fl.get('broker_cpu_ms_per_event'), 2)} ms CPU per event"
             )
         for r, ph in x.get("rates", {}).items():
             if ph.get("status") == "skipped":

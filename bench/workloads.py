@@ -534,6 +534,7 @@ async def _kafka_floor(
                             received[event_id.decode()] = now
                 all_in.set()
 
+            cpu0 = s.infra.cpu()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(consume)
                 pub = await _publish_at_rate(
@@ -542,9 +543,15 @@ async def _kafka_floor(
                 with anyio.move_on_after(5):
                     await all_in.wait()
                 tg.cancel_scope.cancel()
+            broker_cpu = s.infra.cpu().get("broker", 0.0) - cpu0.get("broker", 0.0)
             sent = pub["sent"]
             lat = [received[k] - t for k, t in sent.items() if k in received]
-            out[str(r)] = {"received": len(lat), **summarize(lat, scale=1000)}
+            out[str(r)] = {
+                "received": len(lat),
+                **summarize(lat, scale=1000),
+                # The broker's share of the machine at this rate, before any daemon runs.
+                "broker_cpu_ms_per_event": round(1000 * broker_cpu / max(1, len(sent)), 3),
+            }
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(10):
             await consumer.stop()
