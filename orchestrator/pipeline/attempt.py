@@ -128,6 +128,7 @@ class Attempts:
         looking the backend up at each call."""
         self.deadline = math.inf
         """The run's deadline (``anyio.current_time()`` clock), set once its scope exists."""
+        self._deadlines = runner.deadlines()
 
     def where(self, label: str) -> str:
         return f"run {self.spec.run_id} pipeline {self.pipeline!r} step {label!r}"
@@ -295,8 +296,18 @@ class Attempts:
         deadline = self._now() + timeout
         if self.deadline < deadline:  # the run's own scope fires first: the attempt's is moot
             return await call(ctx)
-        with self._cancel_scope(deadline=deadline):
-            return await call(ctx)
+        deadlines = self._deadlines
+        if deadlines is None:
+            with self._cancel_scope(deadline=deadline):
+                return await call(ctx)
+        else:
+            scope = self._cancel_scope()
+            key = deadlines.add(scope, deadline)
+            try:
+                with scope:
+                    return await call(ctx)
+            finally:
+                deadlines.discard(scope, key)
         # Only its deadline cancels this scope, and the scope swallowed that cancellation.
         raise TimeoutError(f"step {label!r} did not finish within {timeout:g}s")
 

@@ -37,6 +37,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import math
@@ -77,6 +78,7 @@ from orchestrator.pipeline.dataflow import (
     join_json,
     parse_item,
 )
+from orchestrator.pipeline.deadlines import Deadlines
 from orchestrator.pipeline.model import DEFAULT_MAP_CONCURRENCY, Plan, Step
 from orchestrator.pipeline.records import (
     CancelStatus,
@@ -156,6 +158,19 @@ class Runner:
         self.duration = meter.create_histogram(
             STEP_DURATION, unit="s", description="Duration of one step attempt"
         )
+        self._deadlines: Deadlines | None = None
+
+    def deadlines(self) -> Deadlines | None:
+        """The step deadlines of the running event loop; ``None`` off asyncio (attempts'
+        cancel scopes then keep their own deadlines)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return None
+        d = self._deadlines
+        if d is None or d.loop is not loop:
+            d = self._deadlines = Deadlines(loop)
+        return d
 
     async def execute(
         self, spec: RunSpec, *, cancel_status: Callable[[], CancelStatus] = _cancelled

@@ -224,6 +224,41 @@ async def test_a_step_timeout_shorter_than_the_run_timeout_still_applies(h: Harn
     assert "did not finish within 0.01s" in outcome.error
 
 
+async def test_finished_attempts_leave_no_deadline_behind(h: Harness) -> None:
+    p = Pipeline("orders")
+
+    @p.step(timeout=30)
+    async def first(ctx: StepContext) -> int:
+        return 1
+
+    @p.step(timeout=30)
+    async def second(ctx: StepContext, first: int) -> None:
+        raise ValueError("boom")
+
+    for _ in range(3):
+        await h.run(p)
+    deadlines = h.runner.deadlines()
+    assert deadlines is not None
+    assert len(deadlines) == 0
+
+
+async def test_off_asyncio_a_step_timeout_is_its_scope_deadline(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Without an asyncio loop (trio) there are no shared deadlines: each scope keeps its own.
+    monkeypatch.setattr(h.runner, "deadlines", lambda: None)
+    p = Pipeline("orders")
+
+    @p.step(timeout=0.01, retry=1)
+    async def slow(ctx: StepContext) -> None:
+        await anyio.Event().wait()
+
+    with anyio.fail_after(5):
+        outcome = await h.run(p)
+    assert outcome.status == "failed"
+    assert "did not finish within 0.01s" in (outcome.error or "")
+
+
 def test_the_context_log_is_built_on_first_use_with_the_run_fields() -> None:
     custom = logging.getLogger("tests.custom")
     ctx = StepContext.create(run_id=3, pipeline="p", step="s", attempt=2, logger=custom)
