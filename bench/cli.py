@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -165,11 +165,16 @@ async def _run(args: argparse.Namespace, doc: dict[str, Any], workdir: Path) -> 
     w: dict[str, Any] = doc["workloads"]
     speed: dict[str, float] = doc.setdefault("speed_index", {"start": speed_index()})
 
+    settlers: list[Callable[[], Awaitable[None]]] = []
+
     async def guard(
         name: str, coro: Awaitable[dict[str, Any]], label: str | None = None
     ) -> dict[str, Any]:
-        """The workload's result (see :func:`_guard`); the machine's speed noted after it."""
+        """The workload's result (see :func:`_guard`); Postgres settled and the machine's speed
+        noted after it."""
         result = await _guard(name, coro)
+        for settle in settlers:
+            await settle()
         speed[f"after {label or name}"] = speed_index()
         return result
 
@@ -184,6 +189,7 @@ async def _run(args: argparse.Namespace, doc: dict[str, Any], workdir: Path) -> 
 
     infra = Infra(workdir)
     async with infra.running():
+        settlers.append(infra.settle)
         doc["environment"] = _environment(infra)
         s = wl.Session(
             infra=infra,
