@@ -99,6 +99,9 @@ async def test_the_daemon_never_reads_a_hot_table_end_to_end(
     settings = make_settings(kafka_bootstrap, topic, pg_dsn, pg_schema.name)
     async with Store.open(pg_dsn, schema=pg_schema.name, min_size=1, max_size=1) as store:
         await store.migrate()  # index builds read the tables: counted before the daemon starts
+        async with store.pool.acquire() as conn:
+            migrator = {await conn.fetchval("SELECT pg_backend_pid()")}
+    await _gone(pg_dsn, pg_schema.name, migrator)
     before = await _seq_scans(pg_dsn, pg_schema.name)
     traced = Traced()
     async with running_daemon(settings, {"p": p}, rules, traced):
@@ -114,8 +117,26 @@ async def test_the_daemon_never_reads_a_hot_table_end_to_end(
             return rows[0]["n"] == 40
 
         await wait_for(done, within=30, what="40 runs of two steps")
-    # The daemon's connections are closed: their statistics are flushed.
+        rows = await fetch(
+            pg_dsn,
+            pg_schema.name,
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'orchestrator'",
+        )
+        daemon = {r["pid"] for r in rows}
+        assert daemon, "the daemon's pool has no connection open"
+    await _gone(pg_dsn, pg_schema.name, daemon)
     assert await _seq_scans(pg_dsn, pg_schema.name) == before
+
+
+async def _gone(dsn: str, schema: str, pids: set[int]) -> None:
+    """Wait for these backends to exit: a backend flushes its table statistics then."""
+
+    async def exited() -> bool:
+        query = "SELECT count(*) AS n FROM pg_stat_activity WHERE pid = ANY($1)"
+        rows = await fetch(dsn, schema, query, list(pids))
+        return rows[0]["n"] == 0
+
+    await wait_for(exited, within=20, what=f"backends {sorted(pids)} to exit")
 
 
 async def _seq_scans(dsn: str, schema: str) -> dict[str, int]:
