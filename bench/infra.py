@@ -364,6 +364,7 @@ def write_config(
     name: str,
     *,
     bootstrap: str,
+    group_timings: Mapping[str, int],
     dsn: str,
     topic: str,
     group: str,
@@ -390,11 +391,7 @@ def write_config(
             "publish_topic": topic,
             "group_id": group,
             "create_topics": False,
-            # Tansu answers a JoinGroup after half the session timeout, rounded up to whole
-            # seconds (3000 ms: 2 s; 2000 ms: 1 s): keep it short so start-up is not
-            # dominated by the group join (real Kafka: use the defaults).
-            "session_timeout_ms": TANSU_SESSION_TIMEOUT_MS,
-            "heartbeat_interval_ms": TANSU_HEARTBEAT_INTERVAL_MS,
+            **group_timings,
         },
         "postgres": {"dsn": dsn, "schema": schema, "migrate_on_start": True},
         "rules": {"files": [rules.name]},
@@ -445,12 +442,32 @@ class PgCounters:
         }
 
 
+class ExternalBroker:
+    """A Kafka-protocol broker the benchmark does not run (``--bootstrap``): topics are
+    created and deleted on it, its CPU is not measured."""
+
+    def __init__(self, bootstrap: str) -> None:
+        self.bootstrap = bootstrap
+        self.pid: int | None = None
+
+    async def __aenter__(self) -> ExternalBroker:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
 class Infra:
     """The broker and Postgres for a benchmark session, plus admin helpers."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, bootstrap: str | None = None) -> None:
+        """``bootstrap``: use that broker instead of starting an embedded Tansu."""
         self.workdir = workdir
-        self.broker = EmbeddedBroker(log_path=workdir / "tansu.log")
+        self.broker: EmbeddedBroker | ExternalBroker = (
+            ExternalBroker(bootstrap)
+            if bootstrap
+            else EmbeddedBroker(log_path=workdir / "tansu.log")
+        )
         self.pg = EmbeddedPostgres(fsync=True)
         self.pgss = False
         self.server: dict[str, Any] = {}
@@ -460,6 +477,26 @@ class Infra:
     @property
     def bootstrap(self) -> str:
         return self.broker.bootstrap
+
+    @property
+    def broker_name(self) -> str:
+        if isinstance(self.broker, ExternalBroker):
+            return f"external at {self.broker.bootstrap} (CPU not measured)"
+        return "Tansu (embedded)"
+
+    @property
+    def group_timings(self) -> dict[str, int]:
+        """Consumer-group timings of the daemons and the W0 loop. Tansu answers a JoinGroup
+        after half the session timeout, rounded up to whole seconds (3000 ms: 2 s; 2000 ms:
+        1 s): short ones keep start-up from being the group join. Another broker gets the
+        clients' defaults (Apache Kafka refuses a session timeout under its
+        ``group.min.session.timeout.ms``, 6 s by default)."""
+        if isinstance(self.broker, ExternalBroker):
+            return {}
+        return {
+            "session_timeout_ms": TANSU_SESSION_TIMEOUT_MS,
+            "heartbeat_interval_ms": TANSU_HEARTBEAT_INTERVAL_MS,
+        }
 
     @property
     def dsn(self) -> str:

@@ -38,7 +38,8 @@ def render(doc: Mapping[str, Any], targets: list[Target]) -> str:
         f"Python {env['python']}  aiokafka {env['aiokafka']}  asyncpg {env['asyncpg']}  "
         f"msgspec {env['msgspec']}",
         f"PostgreSQL {pg.get('server_version', '?')} fsync={pg.get('fsync', '?')} "
-        f"synchronous_commit={pg.get('synchronous_commit', '?')}; broker: Tansu (embedded); "
+        f"synchronous_commit={pg.get('synchronous_commit', '?')}; "
+        f"broker: {env.get('broker') or 'Tansu (embedded)'}; "
         f"daemon code: {doc.get('daemon_source', 'working tree')}",
     ]
     speed = doc.get("speed_index") or {}
