@@ -28,6 +28,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import anyio
 
+from bench.infra import cpu_seconds
 from orchestrator.dev import EmbeddedPostgres
 from orchestrator.store import KEY_LOOKUP_PLANNER, AttemptWrite, RunFinish, Store
 from orchestrator.store.batch import INGEST_SIMPLE
@@ -39,9 +40,10 @@ _OWNER = "bench-plans"
 
 
 def _cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    seconds = cpu_seconds(pid)
+    if seconds is None:
+        raise RuntimeError(f"the Postgres backend {pid} is gone")
+    return seconds
 
 
 def _ingest_args(first: int, n: int, now: datetime) -> list[Any]:

@@ -124,8 +124,7 @@ async def limit(p: dict[str, Any]) -> dict[str, Any]:
         group_id=p["group"],
         enable_auto_commit=False,
         auto_offset_reset="earliest",
-        session_timeout_ms=p["session_timeout_ms"],
-        heartbeat_interval_ms=p["heartbeat_interval_ms"],
+        **p["group_timings"],
         fetch_max_bytes=52_428_800,
         max_partition_fetch_bytes=1_049_600,
     )

@@ -91,10 +91,7 @@ async def w0_limit(s: Session, events: int) -> dict[str, Any]:
             "table": f"bench_w0_{uid}",
             "events": events,
             "max_batch": max_batch,
-            # aiokafka's defaults unless the broker is the embedded Tansu.
-            "session_timeout_ms": 10_000,
-            "heartbeat_interval_ms": 3_000,
-            **s.infra.group_timings,
+            "group_timings": s.infra.group_timings,  # empty: aiokafka's defaults
         }
         try:
             out = await run_worker("limit", params, limit=s.timeout, workdir=s.workdir)
