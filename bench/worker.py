@@ -4,6 +4,8 @@ Each prints one JSON object (its result) as the last line of stdout.
 
 * ``publish``: publish ``count`` arrival events as fast as aiokafka allows (big batches,
   linger, no compression), for pre-published backlogs;
+* ``rate``: W2's publisher: ``per_second`` events for ``seconds`` on a fixed schedule, one
+  Kafka request per event (librdkafka, ``linger.ms=0``), noting each event's send time;
 * ``limit``: W0, a bare consumer loop (getmany, one batched insert into a simple table,
   manual offset commit): the events/s this broker and Postgres allow;
 * ``matcher``: W3, the pure matcher benchmark of ``bench/matcher.py``.
@@ -16,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import sys
 import time
 from datetime import UTC, datetime
@@ -85,6 +88,68 @@ async def publish(p: dict[str, Any]) -> dict[str, Any]:
     finally:
         await producer.stop()
     return {"published": p["count"], "seconds": time.perf_counter() - began}
+
+
+def rate(p: dict[str, Any]) -> dict[str, Any]:
+    """Publish at a steady rate with librdkafka (confluent-kafka), as most producers do.
+
+    A producer elsewhere would not share this machine's two CPUs; librdkafka spends about
+    half of aiokafka's CPU per event, and a thread sleeping between sends (instead of an
+    event loop) wakes cheaply, so more of the machine is left to what is measured. Every
+    event is still its own produce request (``linger.ms=0``), as in a trickle of
+    independent producers.
+    """
+    from confluent_kafka import Producer
+
+    failed: list[str] = []
+
+    def delivered(err: Any, _msg: Any) -> None:
+        if err is not None:
+            failed.append(str(err))
+
+    producer = Producer(
+        {
+            "bootstrap.servers": p["bootstrap"],
+            "acks": 1,
+            "linger.ms": 0,
+            "enable.idempotence": False,
+            "log_level": 3,
+        }
+    )
+    topic, prefix, dataset, per_second = p["topic"], p["prefix"], p["dataset"], p["per_second"]
+    total = int(per_second * p["seconds"])
+    sent: dict[str, float] = {}
+    behind = 0.0
+    cpu0 = _own_cpu()
+    start = time.perf_counter()
+    i = 0
+    while i < total:
+        now = time.perf_counter()
+        due = min(total, int((now - start) * per_second) + 1)
+        behind = max(behind, (now - start) - i / per_second)
+        while i < due:
+            value, key, headers = event_record(prefix, i, dataset)
+            sent[f"{prefix}-{i}"] = time.time()
+            producer.produce(topic, value, key=key, headers=list(headers), on_delivery=delivered)
+            i += 1
+        producer.poll(0)
+        time.sleep(max(0.0, start + i / per_second - time.perf_counter()))
+    elapsed = time.perf_counter() - start
+    unsent = producer.flush(30)
+    return {
+        "sent": sent,
+        "published": total,
+        "seconds": elapsed,
+        "achieved_per_second": total / elapsed if elapsed > 0 else None,
+        "max_behind_schedule_ms": round(behind * 1000, 2),
+        "delivery_errors": failed[:5] + ([f"{unsent} not delivered"] if unsent else []),
+        "cpu_seconds": round(_own_cpu() - cpu0, 3),
+    }
+
+
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 class _Id(msgspec.Struct):
@@ -175,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     task, params = args[0], json.loads(args[1])
     if task == "matcher":
         result = matcher(params)
+    elif task == "rate":
+        result = rate(params)
     else:
         coro = {"publish": publish, "limit": limit}[task](params)
         try:

@@ -340,37 +340,22 @@ async def _drain_figures(
 
 
 async def _publish_at_rate(
-    producer: AIOKafkaProducer, topic: str, prefix: str, dataset: str, per_second: int,
-    seconds: float,
-) -> dict[str, Any]:  # fmt: skip
-    """Publish ``per_second`` events for ``seconds`` on a fixed schedule; note each send time."""
-    total = int(per_second * seconds)
-    sent: dict[str, float] = {}
-    futures = []
-    behind = 0.0
-    start = time.perf_counter()
-    i = 0
-    while i < total:
-        now = time.perf_counter()
-        due = min(total, int((now - start) * per_second) + 1)
-        behind = max(behind, (now - start) - i / per_second)
-        while i < due:
-            value, key, headers = event_record(prefix, i, dataset)
-            sent[f"{prefix}-{i}"] = time.time()
-            futures.append(await producer.send(topic, value, key=key, headers=headers))
-            i += 1
-        await anyio.sleep(max(0.0, start + i / per_second - time.perf_counter()))
-    elapsed = time.perf_counter() - start
-    await producer.flush()
-    for f in futures:
-        await f
-    return {
-        "sent": sent,
-        "published": total,
-        "seconds": elapsed,
-        "achieved_per_second": rate(total, elapsed),
-        "max_behind_schedule_ms": round(behind * 1000, 2),
+    s: Session, topic: str, prefix: str, dataset: str, per_second: int, seconds: float
+) -> dict[str, Any]:
+    """Publish ``per_second`` events for ``seconds`` on a fixed schedule from a child process
+    (``bench.worker rate``); its result notes each event's send time and its own CPU."""
+    params = {
+        "bootstrap": s.infra.bootstrap,
+        "topic": topic,
+        "prefix": prefix,
+        "dataset": dataset,
+        "per_second": per_second,
+        "seconds": seconds,
     }
+    pub = await run_worker("rate", params, limit=seconds + 60, workdir=s.workdir)
+    if pub["delivery_errors"]:
+        raise WorkloadError(f"publishing at {per_second}/s failed: {pub['delivery_errors']}")
+    return pub
 
 
 _TIMINGS = f"""{BENCH_TAG}
@@ -418,7 +403,7 @@ async def w2_latency(
                                 enable_idempotence=False)  # fmt: skip
     try:
         await producer.start()
-        result["kafka_only"] = await _kafka_floor(s, producer, rates[:2], min(seconds, 5.0))
+        result["kafka_only"] = await _kafka_floor(s, rates[:2], min(seconds, 5.0))
         await s.infra.migrate(config)
         await daemon.start()
         async with s.infra.connect(schema) as conn:
@@ -443,7 +428,7 @@ async def w2_latency(
                 daemon.sample()
                 m0, load0 = machine_cpu(), load_average()
                 cpu0 = {**s.infra.cpu(), "daemon": daemon.cpu or 0.0}
-                pub = await _publish_at_rate(producer, topic, f"r{r}x{uid}", dataset, r, seconds)
+                pub = await _publish_at_rate(s, topic, f"r{r}x{uid}", dataset, r, seconds)
                 expected += pub["published"]
                 phase: dict[str, Any] = {"status": "ok", "rate": r}
                 drain_began = time.perf_counter()
@@ -456,6 +441,7 @@ async def w2_latency(
                 daemon.sample()
                 m1 = machine_cpu()
                 cpu1 = {**s.infra.cpu(), "daemon": daemon.cpu or 0.0}
+                cpu1["publisher"] = pub["cpu_seconds"]
                 ours = sum(cpu1[k] - cpu0.get(k, 0.0) for k in cpu1)
                 phase["machine_cpu_busy"] = round((m1[0] - m0[0]) / max(1.0, m1[1] - m0[1]), 3)
                 phase["other_cpu_seconds"] = round(max(0.0, m1[0] - m0[0] - ours), 2)
@@ -496,9 +482,7 @@ async def w2_latency(
     return result
 
 
-async def _kafka_floor(
-    s: Session, producer: AIOKafkaProducer, rates: Sequence[int], seconds: float
-) -> dict[str, Any]:
+async def _kafka_floor(s: Session, rates: Sequence[int], seconds: float) -> dict[str, Any]:
     """Publish -> received by a bare consumer (no group, no database): the broker's share."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -536,9 +520,7 @@ async def _kafka_floor(
             cpu0 = s.infra.cpu()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(consume)
-                pub = await _publish_at_rate(
-                    producer, topic, f"floor{r}", "bench.floor", r, seconds
-                )
+                pub = await _publish_at_rate(s, topic, f"floor{r}", "bench.floor", r, seconds)
                 with anyio.move_on_after(5):
                     await all_in.wait()
                 tg.cancel_scope.cancel()
