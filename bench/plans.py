@@ -48,9 +48,10 @@ def _cpu_seconds(pid: int) -> float:
 
 def _ingest_args(first: int, n: int, now: datetime) -> list[Any]:
     ids = [f"e{first + i}" for i in range(n)]
+    at = now.timestamp()  # the Kafka timestamp travels as epoch seconds
     return [
         ["src"] * n, ids, ["t"] * n, [None] * n, [now] * n, ["d"] * n, [None] * n,
-        [_ENVELOPE] * n, ["topic"] * n, [0] * n, list(range(first, first + n)), [now] * n,
+        [_ENVELOPE] * n, ["topic"] * n, [0] * n, list(range(first, first + n)), [at] * n,
         [None] * n, [None] * n, [None] * n,
         ["src"] * n, ids, ["rule"] * n, [f"event:src#{i}" for i in ids], ["p"] * n, [0] * n,
         [b"{}"] * n, [True] * n, _OWNER, 30.0,

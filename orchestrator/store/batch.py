@@ -25,6 +25,7 @@ __all__ = [
     "NewRun",
     "RunOwner",
     "columns",
+    "epoch_seconds",
     "event_columns",
 ]
 
@@ -89,9 +90,11 @@ _INSERT_EVENTS = """
 INSERT INTO events (source, event_id, type, subject, event_time, dataset, partition_key,
                     envelope, topic, kafka_partition, kafka_offset, published_at,
                     traceparent, tracestate, contract_error)
-SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
-                     $6::text[], $7::text[], $8::jsonb[], $9::text[], $10::int[],
-                     $11::bigint[], $12::timestamptz[], $13::text[], $14::text[], $15::text[])
+SELECT s, i, t, sub, et, ds, pk, env, tp, kp, ko, to_timestamp(pa), trp, trs, ce
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
+            $6::text[], $7::text[], $8::jsonb[], $9::text[], $10::int[],
+            $11::bigint[], $12::float8[], $13::text[], $14::text[], $15::text[])
+     AS u(s, i, t, sub, et, ds, pk, env, tp, kp, ko, pa, trp, trs, ce)
 ON CONFLICT (source, event_id) DO NOTHING
 RETURNING id, source, event_id
 """
@@ -123,17 +126,18 @@ RETURNING id, rule, trigger_key
 # one round trip): new events, and for each new event the runs it triggers, pending or
 # (``own``) claimed by the ingesting daemon. Redelivered events create nothing. JSON values
 # travel as bytea and are cast in SQL: asyncpg binds bytea natively, jsonb through a
-# Python codec call per value.
+# Python codec call per value. The Kafka timestamp travels as epoch seconds
+# (:func:`epoch_seconds`); the event's own ``time`` keeps its type, since it can be any date.
 INGEST_SIMPLE = """
 WITH ev AS (
     INSERT INTO events (source, event_id, type, subject, event_time, dataset, partition_key,
                         envelope, topic, kafka_partition, kafka_offset, published_at,
                         traceparent, tracestate, contract_error)
-    SELECT s, i, t, sub, et, ds, pk, convert_from(env, 'UTF8')::jsonb, tp, kp, ko, pa, trp,
-           trs, ce
+    SELECT s, i, t, sub, et, ds, pk, convert_from(env, 'UTF8')::jsonb, tp, kp, ko,
+           to_timestamp(pa), trp, trs, ce
     FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::timestamptz[],
                 $6::text[], $7::text[], $8::bytea[], $9::text[], $10::int[], $11::bigint[],
-                $12::timestamptz[], $13::text[], $14::text[], $15::text[])
+                $12::float8[], $13::text[], $14::text[], $15::text[])
          AS u(s, i, t, sub, et, ds, pk, env, tp, kp, ko, pa, trp, trs, ce)
     ON CONFLICT (source, event_id) DO NOTHING
     RETURNING id, source, event_id, published_at, traceparent, tracestate
@@ -415,6 +419,15 @@ def _run_columns(runs: Sequence[NewRun]) -> list[list[Any]]:
     )
 
 
+def epoch_seconds(at: datetime | None) -> float | None:
+    """``at`` as seconds since the epoch, for ``to_timestamp()`` in SQL.
+
+    asyncpg binds a float8 in a quarter of the time of a timestamptz. A double holds every
+    microsecond exactly until 2106 (it is used for clock readings, not arbitrary dates).
+    """
+    return None if at is None else at.timestamp()
+
+
 def event_columns(events: Sequence[IncomingEvent]) -> list[list[Any]]:
     """The events table's insert columns, for ``unnest``."""
     return columns(
@@ -430,7 +443,7 @@ def event_columns(events: Sequence[IncomingEvent]) -> list[list[Any]]:
             e.topic,
             e.partition,
             e.offset,
-            e.published_at,
+            epoch_seconds(e.published_at),
             e.traceparent,
             e.tracestate,
             e.contract_error,

@@ -15,7 +15,14 @@ import asyncpg
 import msgspec
 
 from orchestrator.events import CloudEvent
-from orchestrator.store.batch import INGEST_SIMPLE, IngestTx, NewRun, columns, event_columns
+from orchestrator.store.batch import (
+    INGEST_SIMPLE,
+    IngestTx,
+    NewRun,
+    columns,
+    epoch_seconds,
+    event_columns,
+)
 from orchestrator.store.connection import acquire, create_pool, translate_errors
 from orchestrator.store.migrate import migrate
 from orchestrator.store.records import (
@@ -113,14 +120,16 @@ ON CONFLICT (event_id) DO NOTHING
 # Attempts and outcomes in one statement (alone, in autocommit: one round trip). Both read the runs
 # as they were before the statement, so a run finished here still has its lease for the
 # attempts written with it.
+# Times travel as epoch seconds (float8, see ``epoch_seconds``): asyncpg binds a float in a
+# quarter of the time of a timestamptz.
 _RECORD_AND_FINISH = """
 WITH a AS (
     INSERT INTO step_attempts (run_id, step, attempt, status, output, error, owner, started_at,
                                finished_at, skipped)
     SELECT u.run_id, u.step, u.attempt, u.status, convert_from(u.output, 'UTF8')::jsonb,
-           u.error, $10, u.started_at, u.finished_at, u.skipped
+           u.error, $10, to_timestamp(u.started_at), to_timestamp(u.finished_at), u.skipped
     FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::bytea[], $6::text[],
-                $7::timestamptz[], $8::timestamptz[], $9::bool[])
+                $7::float8[], $8::float8[], $9::bool[])
          AS u(run_id, step, attempt, status, output, error, started_at, finished_at, skipped)
     JOIN runs r ON r.id = u.run_id AND r.lease_owner = $10
     ON CONFLICT (run_id, step, attempt) DO UPDATE
@@ -684,8 +693,8 @@ async def _record_and_finish(
             a.status,
             a.output,
             a.error,
-            a.started_at,
-            a.finished_at,
+            a.started_at.timestamp(),
+            epoch_seconds(a.finished_at),
             a.skipped,
         )
         for a in attempts

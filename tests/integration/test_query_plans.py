@@ -69,7 +69,7 @@ async def test_a_plan_made_on_an_empty_table_looks_runs_up_by_key_once_it_has_gr
                     " AND statement NOT LIKE '%pg_prepared_statements%'"
                 )
             ]
-            now = datetime.now(UTC).isoformat()
+            now = datetime.now(UTC).timestamp()  # times travel as epoch seconds
             plan = "\n".join(
                 r[0]
                 for r in await conn.fetch(
