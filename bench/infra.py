@@ -332,6 +332,10 @@ class DaemonProcess:
             self.peak_rss_kb = max(self.peak_rss_kb, mem["VmHWM"], mem["VmRSS"])
             self.cpu = cpu_seconds(self.child.pid)
 
+    def cpu_now(self) -> float:
+        """CPU seconds used so far (0 before the start or after the exit)."""
+        return (cpu_seconds(self.child.pid) or 0.0) if self.child.alive else 0.0
+
     async def stop(self, grace: float = 40.0) -> int | None:
         if self.child.alive:
             self.sample()

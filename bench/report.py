@@ -72,6 +72,11 @@ def render(doc: Mapping[str, Any], targets: list[Target]) -> str:
                 f"W2 {int(r):>5}/s  Kafka only (bare consumer, no daemon) publish->received ms: "
                 f"{_lat(fl)}; broker {_n(fl.get('broker_cpu_ms_per_event'), 2)} ms CPU per event"
             )
+            if fl.get("broker_cores_by_second"):
+                lines.append(
+                    "              broker cores by second: "
+                    + " ".join(f"{c:.2f}" for c in fl["broker_cores_by_second"])
+                )
         for r, ph in x.get("rates", {}).items():
             if ph.get("status") == "skipped":
                 lines.append(f"W2 {int(r):>5}/s  skipped: {ph.get('error')}")
@@ -94,6 +99,11 @@ def render(doc: Mapping[str, Any], targets: list[Target]) -> str:
                 lines.append(
                     "              p99 ms by second: "
                     + " ".join(_n(row["p99"], 0) for row in series)
+                )
+            for name, by_second in (ph.get("cores_by_second") or {}).items():
+                lines.append(
+                    f"              {name} cores by second: "
+                    + " ".join(f"{c:.2f}" for c in by_second)
                 )
             if ph.get("cpu_seconds"):
                 busy = ph.get("machine_cpu_busy")

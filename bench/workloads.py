@@ -358,6 +358,25 @@ async def _publish_at_rate(
     return pub
 
 
+async def _cores_by_second(
+    s: Session, daemon: DaemonProcess | None, out: dict[str, list[float]]
+) -> None:
+    """Append each process's CPU (cores) for every second until cancelled: shows whether a
+    rising latency comes with a rising cost (the broker's, as its log grows)."""
+
+    def cpu() -> dict[str, float]:
+        return {**s.infra.cpu(), **({"daemon": daemon.cpu_now()} if daemon else {})}
+
+    previous = cpu()
+    while True:
+        await anyio.sleep(1.0)
+        now = cpu()
+        for name in ("broker", "daemon", "postgres"):
+            if name in now and name in previous:
+                out.setdefault(name, []).append(round(now[name] - previous[name], 2))
+        previous = now
+
+
 _TIMINGS = f"""{BENCH_TAG}
 SELECT e.event_id,
        extract(epoch FROM e.published_at)::float8 AS kafka_ts,
@@ -403,7 +422,7 @@ async def w2_latency(
                                 enable_idempotence=False)  # fmt: skip
     try:
         await producer.start()
-        result["kafka_only"] = await _kafka_floor(s, rates[:2], min(seconds, 5.0))
+        result["kafka_only"] = await _kafka_floor(s, rates[:2], seconds)
         await s.infra.migrate(config)
         await daemon.start()
         async with s.infra.connect(schema) as conn:
@@ -428,7 +447,11 @@ async def w2_latency(
                 daemon.sample()
                 m0, load0 = machine_cpu(), load_average()
                 cpu0 = {**s.infra.cpu(), "daemon": daemon.cpu or 0.0}
-                pub = await _publish_at_rate(s, topic, f"r{r}x{uid}", dataset, r, seconds)
+                cores: dict[str, list[float]] = {}
+                async with anyio.create_task_group() as sampling:
+                    sampling.start_soon(_cores_by_second, s, daemon, cores)
+                    pub = await _publish_at_rate(s, topic, f"r{r}x{uid}", dataset, r, seconds)
+                    sampling.cancel_scope.cancel()
                 expected += pub["published"]
                 phase: dict[str, Any] = {"status": "ok", "rate": r}
                 drain_began = time.perf_counter()
@@ -447,6 +470,7 @@ async def w2_latency(
                 phase["other_cpu_seconds"] = round(max(0.0, m1[0] - m0[0] - ours), 2)
                 phase["cpu_seconds"] = {k: round(cpu1[k] - cpu0.get(k, 0.0), 2) for k in cpu1}
                 phase["load_average"] = [load0, load_average()]
+                phase["cores_by_second"] = cores
                 if scope.cancelled_caught:
                     saturated_at = r
                     phase["status"] = "saturated"
@@ -518,10 +542,12 @@ async def _kafka_floor(s: Session, rates: Sequence[int], seconds: float) -> dict
                 all_in.set()
 
             cpu0 = s.infra.cpu()
+            cores: dict[str, list[float]] = {}
             async with anyio.create_task_group() as tg:
                 tg.start_soon(consume)
+                tg.start_soon(_cores_by_second, s, None, cores)
                 pub = await _publish_at_rate(s, topic, f"floor{r}", "bench.floor", r, seconds)
-                with anyio.move_on_after(5):
+                with anyio.move_on_after(max(20.0, seconds)):
                     await all_in.wait()
                 tg.cancel_scope.cancel()
             cpu1 = s.infra.cpu()
@@ -537,6 +563,7 @@ async def _kafka_floor(s: Session, rates: Sequence[int], seconds: float) -> dict
                 "broker_cpu_ms_per_event": None
                 if broker_cpu is None
                 else round(1000 * broker_cpu / max(1, len(sent)), 3),
+                "broker_cores_by_second": cores.get("broker", []),
             }
     finally:
         with anyio.CancelScope(shield=True), anyio.move_on_after(10):
