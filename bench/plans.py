@@ -4,7 +4,8 @@ Run ``python -m bench.plans`` from the repository root. It starts a Postgres (fs
 and for each planner setting creates a fresh schema and writes ``--runs`` runs in batches of
 ``--batch``, as the daemon does: one intake statement (events and their runs, leased to the
 daemon) and one group-commit statement (three step attempts per run and the runs' outcomes).
-It prints the Postgres backend's CPU per run for each sixth of the runs, and writes
+It prints the Postgres backend's CPU per run for each sixth of the runs, and the client's
+CPU per run in the two statements (asyncpg binding, protocol, results), and writes
 ``bench/results/plans-<UTC timestamp>.json``.
 
 Settings: ``server`` (the server's planner settings) and ``daemon`` (what the daemon's
@@ -19,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -58,8 +60,11 @@ def _ingest_args(first: int, n: int, now: datetime) -> list[Any]:
     ]  # fmt: skip
 
 
-async def _measure(pg: EmbeddedPostgres, name: str, runs: int, batch: int) -> list[float]:
-    """µs of backend CPU per run, for each sixth of ``runs``."""
+async def _measure(
+    pg: EmbeddedPostgres, name: str, runs: int, batch: int
+) -> tuple[list[float], float]:
+    """µs of backend CPU per run, for each sixth of ``runs``; and µs of this process's CPU
+    per run in the two statements (binding, protocol, results), over all runs."""
     schema = f"bench_plans_{name}"
     async with (
         Store.open(pg.dsn, schema="public", min_size=1, max_size=1) as admin,
@@ -76,10 +81,14 @@ async def _measure(pg: EmbeddedPostgres, name: str, runs: int, batch: int) -> li
         sixth = max(1, batches // 6)
         figures: list[float] = []
         cpu0 = _cpu_seconds(pid)
+        client = 0.0
         for b in range(batches):
             now = datetime.now(UTC)
+            args = _ingest_args(b * batch, batch, now)
             async with store.pool.acquire() as conn:
-                rows = await conn.fetch(INGEST_SIMPLE, *_ingest_args(b * batch, batch, now))
+                c0 = time.process_time()
+                rows = await conn.fetch(INGEST_SIMPLE, *args)
+                client += time.process_time() - c0
             ids = [r["id"] for r in rows if r["rule"] is not None]
             attempts = [
                 AttemptWrite(
@@ -94,17 +103,15 @@ async def _measure(pg: EmbeddedPostgres, name: str, runs: int, batch: int) -> li
                 for i in ids
                 for s in ("a", "b", "c")
             ]
-            await store.record_outcomes(
-                _OWNER,
-                attempts,
-                [RunFinish(run_id=i, status="succeeded") for i in ids],
-                notify_finished=False,
-            )
+            finishes = [RunFinish(run_id=i, status="succeeded") for i in ids]
+            c0 = time.process_time()
+            await store.record_outcomes(_OWNER, attempts, finishes, notify_finished=False)
+            client += time.process_time() - c0
             if (b + 1) % sixth == 0 and len(figures) < 6:
                 cpu1 = _cpu_seconds(pid)
                 figures.append(round((cpu1 - cpu0) / (sixth * batch) * 1e6, 1))
                 cpu0 = cpu1
-        return figures
+        return figures, round(client / (batches * batch) * 1e6, 1)
 
 
 async def _main(args: argparse.Namespace) -> None:
@@ -114,14 +121,18 @@ async def _main(args: argparse.Namespace) -> None:
         "runs": args.runs,
         "batch": args.batch,
         "us_per_run_by_sixth": {},
+        "client_us_per_run": {},
     }
     async with EmbeddedPostgres() as pg:
         for name in args.settings.split(","):
-            figures = await _measure(pg, name, args.runs, args.batch)
+            figures, client = await _measure(pg, name, args.runs, args.batch)
             out["us_per_run_by_sixth"][name] = figures
+            out["client_us_per_run"][name] = client
             print(
                 f"{name:>7} planner: Postgres µs CPU per run, by sixth of {args.runs:,} runs "
-                f"in batches of {args.batch}: " + " ".join(f"{f:.0f}" for f in figures),
+                f"in batches of {args.batch}: "
+                + " ".join(f"{f:.0f}" for f in figures)
+                + f"; client µs per run in the two statements: {client:.1f}",
                 flush=True,
             )
     RESULTS.mkdir(exist_ok=True)
