@@ -57,12 +57,20 @@ def render(doc: Mapping[str, Any], targets: list[Target]) -> str:
             f"{_n(x.get('events_per_second'))} events/s first batch to last commit "
             f"({_n(x.get('events_per_second_incl_group_join'))} incl. group join){_status(x)}"
         )
+        if isinstance(x.get("again"), dict):
+            lines.append(
+                f"W0 again     right after W1 1-step: {_n(x['again'].get('events_per_second'))}"
+                f" events/s{_status(x['again'])}"
+            )
     for key, label in (("chain3", "3-step"), ("single", "1-step")):
         x = w.get("W1", {}).get(key)
         if x:
             lines.append(_drain_line(f"W1 {label}", x))
             if x.get("ratio_to_w0") is not None:
-                lines.append(f"             = {x['ratio_to_w0']:.1%} of W0")
+                lines.append(
+                    f"             = {x['ratio_to_w0']:.1%} of W0 "
+                    f"({_n(x.get('w0_events_per_second'))} events/s, the nearest W0 run)"
+                )
     if "W2" in w:
         x = w["W2"]
         if x.get("status") != "ok":

@@ -94,6 +94,18 @@ def test_evaluate_targets_reads_a_results_document() -> None:
     }
 
 
+def test_the_one_step_ratio_uses_the_w0_run_next_to_it() -> None:
+    single = {"single": {"status": "ok", "runs_per_second": 4_000.0}}
+    w0 = {"status": "ok", "events_per_second": 10_000.0}
+
+    def ratio(again: dict[str, object]) -> float | None:
+        targets = evaluate_targets({"W0": {**w0, "again": again}, "W1": single})
+        return next(t.value for t in targets if t.name == "W1 1-step / W0")
+
+    assert ratio({"status": "ok", "events_per_second": 8_000.0}) == 0.5
+    assert ratio({"status": "timeout", "events_per_second": 1.0}) == 0.4  # the first W0 then
+
+
 def test_targets_of_unfinished_or_missing_workloads() -> None:
     workloads = {
         "W1": {"chain3": {"status": "timeout", "runs_per_second": 9_999.0}},
