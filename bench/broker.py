@@ -15,7 +15,6 @@ broker's own cost per second is flat (a fixed cost per event) or grows with the 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -29,22 +28,12 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import anyio
 from aiokafka import AIOKafkaConsumer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from bench.infra import cpu_seconds, run_worker
+from bench.infra import cpu_seconds, create_topic, run_worker
+from bench.report import write_stamped
 from orchestrator.dev import EmbeddedBroker
 
-RESULTS = Path(__file__).resolve().parent / "results"
 CASES = ("produce", "consumer")
-
-
-async def _create_topic(bootstrap: str, name: str, partitions: int) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(name, partitions, 1)])
-    finally:
-        await admin.close()
 
 
 async def _consume(bootstrap: str, topic: str, partitions: int, counter: list[int]) -> None:
@@ -67,7 +56,7 @@ async def _case(
     broker: EmbeddedBroker, case: str, args: argparse.Namespace, workdir: Path
 ) -> dict[str, Any]:
     topic = f"bench-broker-{case}-{uuid.uuid4().hex[:6]}"
-    await _create_topic(broker.bootstrap, topic, args.partitions)
+    await create_topic(broker.bootstrap, topic, args.partitions)
     pid = broker.pid
     if pid is None:
         raise RuntimeError("the broker is not running")
@@ -123,10 +112,7 @@ async def _main(args: argparse.Namespace) -> None:
                     + " ".join(f"{c:.2f}" for c in cores),
                     flush=True,
                 )
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"broker-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
-    path.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {path}")
+    print(f"wrote {write_stamped('broker', out)}")
 
 
 def main() -> None:

@@ -39,6 +39,7 @@ __all__ = [
     "Infra",
     "PgCounters",
     "cpu_seconds",
+    "create_topic",
     "run_worker",
     "use_source",
     "write_config",
@@ -232,6 +233,16 @@ async def publish_backlog(
         "seconds": seconds,
         "events_per_second": count / seconds if seconds > 0 else None,
     }
+
+
+async def create_topic(bootstrap: str, name: str, partitions: int) -> None:
+    """Create a topic of ``partitions`` partitions (replication 1)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(name, partitions, 1)])
+    finally:
+        await admin.close()
 
 
 # -- /proc ------------------------------------------------------------------------------
@@ -611,12 +622,7 @@ class Infra:
         return out
 
     async def create_topic(self, name: str, partitions: int) -> None:
-        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap)
-        await admin.start()
-        try:
-            await admin.create_topics([NewTopic(name, partitions, 1)])
-        finally:
-            await admin.close()
+        await create_topic(self.bootstrap, name, partitions)
 
     async def delete_topic(self, name: str) -> None:
         with anyio.move_on_after(15, shield=True):

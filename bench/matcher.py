@@ -22,7 +22,6 @@ run; ``with view`` adds ``event_to_dict`` of a CloudEvent per event (best slice)
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -38,6 +37,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import msgspec
 
+from bench.report import write_stamped
 from orchestrator.events import CloudEvent, new_arrival
 from orchestrator.triggers import Rule, RuleSet, event_to_dict
 
@@ -46,7 +46,6 @@ POOL = 20_000  # distinct pre-built events per size
 CHUNK = 500  # events per timed slice
 SECONDS = 3.0  # timed per size and mode
 REPEATS = 5
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def make_rules(n: int) -> list[Rule]:
@@ -223,10 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         "figures": figures,
     }
     if not args.no_write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RESULTS / f"matcher-{now.strftime('%Y%m%dT%H%M%SZ')}.json"
-        path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        print(f"wrote {path}")
+        print(f"wrote {write_stamped('matcher', report, now)}")
     return 0
 
 

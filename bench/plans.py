@@ -17,7 +17,6 @@ that plan reads the runs table end to end, and its cost grows with the table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -31,11 +30,11 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 import anyio
 
 from bench.infra import cpu_seconds
+from bench.report import write_stamped
 from orchestrator.dev import EmbeddedPostgres
 from orchestrator.store import KEY_LOOKUP_PLANNER, AttemptWrite, RunFinish, Store
 from orchestrator.store.batch import INGEST_SIMPLE
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS: dict[str, dict[str, str] | None] = {"server": None, "daemon": KEY_LOOKUP_PLANNER}
 _ENVELOPE = b'{"specversion":"1.0","id":"x","source":"s","type":"t","data":{"dataset":"d"}}'
 _OWNER = "bench-plans"
@@ -135,10 +134,7 @@ async def _main(args: argparse.Namespace) -> None:
                 + f"; client µs per run in the two statements: {client:.1f}",
                 flush=True,
             )
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"plans-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
-    path.write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {path}")
+    print(f"wrote {write_stamped('plans', out)}")
 
 
 def main() -> None:

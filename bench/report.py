@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from bench.stats import Target
 
-__all__ = ["plot", "render", "write_json"]
+__all__ = ["RESULTS", "plot", "render", "write_json", "write_stamped"]
+
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _n(value: Any, digits: int = 0) -> str:
@@ -182,6 +185,15 @@ def _drain_line(label: str, x: Mapping[str, Any]) -> str:
 def write_json(doc: Mapping[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(doc, indent=1, default=str) + "\n", encoding="utf-8")
+
+
+def write_stamped(kind: str, doc: Mapping[str, Any], at: datetime | None = None) -> Path:
+    """Write a tool's results to ``results/<kind>-<UTC timestamp>.json``; return the path."""
+    stamp = (at or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
+    path = RESULTS / f"{kind}-{stamp}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    return path
 
 
 def plot(doc: Mapping[str, Any], path: Path) -> str:

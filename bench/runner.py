@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import subprocess
@@ -35,10 +34,9 @@ from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider, sampling
 
+from bench.report import write_stamped
 from orchestrator.events import new_arrival
 from orchestrator.pipeline import Pipeline, Runner, RunSpec, StepContext, StepRecord
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 class ListRecorder:
@@ -185,10 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         "figures": figures,
     }
     if not args.no_write:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        path = RESULTS / f"runner-{now.strftime('%Y%m%dT%H%M%SZ')}.json"
-        path.write_text(json.dumps(report) + "\n", encoding="utf-8")
-        print(f"wrote {path}")
+        print(f"wrote {write_stamped('runner', report, now)}")
     return 0
 
 
