@@ -32,8 +32,15 @@ import anyio
 from bench.infra import cpu_seconds
 from bench.report import write_stamped
 from orchestrator.dev import EmbeddedPostgres
-from orchestrator.store import KEY_LOOKUP_PLANNER, AttemptWrite, RunFinish, Store
-from orchestrator.store.batch import INGEST_SIMPLE
+from orchestrator.events import Arrival, CloudEvent
+from orchestrator.store import (
+    KEY_LOOKUP_PLANNER,
+    AttemptWrite,
+    IncomingEvent,
+    RunFinish,
+    RunRequest,
+    Store,
+)
 
 SETTINGS: dict[str, dict[str, str] | None] = {"server": None, "daemon": KEY_LOOKUP_PLANNER}
 _ENVELOPE = b'{"specversion":"1.0","id":"x","source":"s","type":"t","data":{"dataset":"d"}}'
@@ -47,16 +54,34 @@ def _cpu_seconds(pid: int) -> float:
     return seconds
 
 
-def _ingest_args(first: int, n: int, now: datetime) -> list[Any]:
-    ids = [f"e{first + i}" for i in range(n)]
-    at = now.timestamp()  # the Kafka timestamp travels as epoch seconds
-    return [
-        ["src"] * n, ids, ["t"] * n, [None] * n, [now] * n, ["d"] * n, [None] * n,
-        [_ENVELOPE] * n, ["topic"] * n, [0] * n, list(range(first, first + n)), [at] * n,
-        [None] * n, [None] * n, [None] * n,
-        ["src"] * n, ids, ["rule"] * n, [f"event:src#{i}" for i in ids], ["p"] * n, [0] * n,
-        [b"{}"] * n, [True] * n, _OWNER, 30.0,
-    ]  # fmt: skip
+def _ingest_args(
+    first: int, n: int, now: datetime
+) -> tuple[list[IncomingEvent], list[tuple[IncomingEvent, RunRequest, bool]]]:
+    """``n`` new events, and one run per event owned by the writer, as the daemon's intake
+    passes them to :meth:`Store.ingest_simple`."""
+    events = [
+        IncomingEvent(
+            event=CloudEvent(
+                specversion="1.0",
+                id=f"e{first + i}",
+                source="src",
+                type="t",
+                time=now,
+                data=Arrival(dataset="d"),
+            ),
+            envelope=_ENVELOPE,
+            topic="topic",
+            partition=0,
+            offset=first + i,
+            published_at=now,
+        )
+        for i in range(n)
+    ]
+    runs = [
+        (e, RunRequest(rule="rule", pipeline="p", trigger_key=f"event:src#{e.event.id}"), True)
+        for e in events
+    ]
+    return events, runs
 
 
 async def _measure(
@@ -83,12 +108,11 @@ async def _measure(
         client = 0.0
         for b in range(batches):
             now = datetime.now(UTC)
-            args = _ingest_args(b * batch, batch, now)
-            async with store.pool.acquire() as conn:
-                c0 = time.process_time()
-                rows = await conn.fetch(INGEST_SIMPLE, *args)
-                client += time.process_time() - c0
-            ids = [r["id"] for r in rows if r["rule"] is not None]
+            events, requests = _ingest_args(b * batch, batch, now)
+            c0 = time.process_time()
+            _, created = await store.ingest_simple(events, requests, _OWNER, 30.0)
+            client += time.process_time() - c0
+            ids = [run_id for run_id, *_ in created]
             attempts = [
                 AttemptWrite(
                     run_id=i,

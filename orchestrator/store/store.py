@@ -19,9 +19,9 @@ from orchestrator.store.batch import (
     INGEST_SIMPLE,
     IngestTx,
     NewRun,
-    columns,
     epoch_seconds,
-    event_columns,
+    event_rows,
+    json_rows,
 )
 from orchestrator.store.connection import acquire, create_pool, translate_errors
 from orchestrator.store.migrate import migrate
@@ -119,19 +119,27 @@ ON CONFLICT (event_id) DO NOTHING
 
 # Attempts and outcomes in one statement (alone, in autocommit: one round trip). Both read the runs
 # as they were before the statement, so a run finished here still has its lease for the
-# attempts written with it.
-# Times travel as epoch seconds (float8, see ``epoch_seconds``): asyncpg binds a float in a
-# quarter of the time of a timestamptz.
+# attempts written with it. Attempts ($1) travel as a ``json_rows`` document; an attempt's
+# output is ``[output]`` or ``[]``, so that a step's JSON ``null`` stays apart from no output.
+# Times are epoch seconds (``epoch_seconds``). Outcomes ($3-$6) are ``unnest`` columns.
+# Runs are looked up by ``id = ANY(...)``: the statement stays prepared with a generic plan,
+# made while the runs table was small, and a join estimated from the rows would read all of
+# it. A run has a lease only while running (``runs_lease_only_while_running``), so the
+# finished runs are found by id and lease owner, without the runs_running_idx scan of every
+# running run that a ``status = 'running'`` condition leads to.
 _RECORD_AND_FINISH = """
 WITH a AS (
     INSERT INTO step_attempts (run_id, step, attempt, status, output, error, owner, started_at,
                                finished_at, skipped)
-    SELECT u.run_id, u.step, u.attempt, u.status, convert_from(u.output, 'UTF8')::jsonb,
-           u.error, $10, to_timestamp(u.started_at), to_timestamp(u.finished_at), u.skipped
-    FROM unnest($1::bigint[], $2::text[], $3::int[], $4::text[], $5::bytea[], $6::text[],
-                $7::float8[], $8::float8[], $9::bool[])
+    SELECT u.run_id, u.step, u.attempt, u.status, u.output, u.error, $2,
+           to_timestamp(u.started_at), to_timestamp(u.finished_at), u.skipped
+    FROM (SELECT (x->>0)::bigint, x->>1, (x->>2)::int, x->>3, x->4->0, x->>5,
+                 (x->>6)::float8, (x->>7)::float8, (x->>8)::bool
+          FROM jsonb_array_elements($1::jsonb) AS r(x))
          AS u(run_id, step, attempt, status, output, error, started_at, finished_at, skipped)
-    JOIN runs r ON r.id = u.run_id AND r.lease_owner = $10
+    JOIN runs r ON r.id = u.run_id
+    WHERE r.id = ANY(ARRAY(SELECT (x->>0)::bigint FROM jsonb_array_elements($1::jsonb) AS i(x)))
+      AND r.lease_owner = $2
     ON CONFLICT (run_id, step, attempt) DO UPDATE
     SET status = excluded.status, output = excluded.output, error = excluded.error,
         owner = excluded.owner, finished_at = excluded.finished_at, skipped = excluded.skipped
@@ -140,9 +148,9 @@ WITH a AS (
     UPDATE runs r
     SET status = u.status, finished_at = now(), failed_step = u.failed_step, error = u.error,
         lease_owner = NULL, lease_expires_at = NULL
-    FROM unnest($11::bigint[], $12::text[], $13::text[], $14::text[])
+    FROM unnest($3::bigint[], $4::text[], $5::text[], $6::text[])
          AS u(id, status, failed_step, error)
-    WHERE r.id = u.id AND r.lease_owner = $10 AND r.status = 'running'
+    WHERE r.id = u.id AND r.id = ANY($3::bigint[]) AND r.lease_owner = $2
     RETURNING r.id
 )
 SELECT DISTINCT run_id AS id, false AS finished FROM a
@@ -247,8 +255,7 @@ class Store:
         event is new, claimed by ``owner`` when ``own``. Returns the new events' primary keys
         by (source, id), and (id, rule, trigger_key, status) of each run created.
         """
-        cols = event_columns(events)
-        cols += columns(
+        new_runs = json_rows(
             (
                 e.event.source,
                 e.event.id,
@@ -256,13 +263,15 @@ class Store:
                 r.trigger_key,
                 r.pipeline,
                 r.priority,
-                _json.encode(r.params),
+                msgspec.Raw(_json.encode(r.params)),
                 own,
             )
             for e, r, own in runs
-        ) or [[] for _ in range(8)]
+        )
         async with acquire(self.pool, "ingest") as conn:
-            rows = await conn.fetch(INGEST_SIMPLE, *cols, owner, lease_seconds)
+            rows = await conn.fetch(
+                INGEST_SIMPLE, event_rows(events), new_runs, owner, lease_seconds
+            )
             events_by_key: dict[tuple[str, str], int] = {}
             created: list[tuple[int, str, str, str]] = []
             for row in rows:
@@ -350,8 +359,10 @@ class Store:
             return {}
         async with acquire(self.pool, "heartbeat") as conn:
             rows = await conn.fetch(
+                # A lease means running (runs_lease_only_while_running): no status
+                # condition, which would scan every running run instead of the ids.
                 """UPDATE runs SET lease_expires_at = now() + make_interval(secs => $3)
-                   WHERE id = ANY($2::bigint[]) AND lease_owner = $1 AND status = 'running'
+                   WHERE id = ANY($2::bigint[]) AND lease_owner = $1
                    RETURNING id, cancel_requested""",
                 owner,
                 list(run_ids),
@@ -685,23 +696,22 @@ async def _record_and_finish(
 ) -> tuple[set[int], set[int]]:
     """Attempts and outcomes in one statement. Returns (runs whose attempts were refused
     because the lease was lost, runs whose outcome was recorded)."""
-    cols = columns(
-        (
-            a.run_id,
-            a.step,
-            a.attempt,
-            a.status,
-            a.output,
-            a.error,
-            a.started_at.timestamp(),
-            epoch_seconds(a.finished_at),
-            a.skipped,
-        )
-        for a in attempts
-    ) or [[] for _ in range(9)]
     rows = await conn.fetch(
         _RECORD_AND_FINISH,
-        *cols,
+        json_rows(
+            (
+                a.run_id,
+                a.step,
+                a.attempt,
+                a.status,
+                () if a.output is None else (msgspec.Raw(a.output),),
+                a.error,
+                a.started_at.timestamp(),
+                epoch_seconds(a.finished_at),
+                a.skipped,
+            )
+            for a in attempts
+        ),
         owner,
         [f.run_id for f in finishes],
         [f.status for f in finishes],

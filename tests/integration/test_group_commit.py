@@ -3,10 +3,11 @@ flight (its rows were taken), and wait only once the next write is full too."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 
 import anyio
 import asyncpg
+import msgspec
 import pytest
 
 from orchestrator.events import Arrival, CloudEvent, encode_structured
@@ -106,3 +107,95 @@ async def test_times_are_stored_to_the_microsecond(pg_dsn: str, pg_schema: PgSch
     assert run is not None
     assert (row["published_at"], row["event_time"]) == (published, event_time)
     assert run["first_event_at"] == published
+
+
+async def test_rows_keep_every_value_on_the_way_through_json(
+    pg_dsn: str, pg_schema: PgSchema
+) -> None:
+    """The hot statements send their rows as one JSON document: dates at the ends of the
+    range, offsets, naive times (UTC), quotes, escapes and non-ASCII text, JSON null as an
+    output, and no output at all all arrive as they were."""
+    text = 'q"uo\\te \u2713 \U0001f600\nline'
+    times = [
+        datetime(9999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC),
+        datetime(1, 1, 1, 0, 0, 0, 1, tzinfo=UTC),
+        datetime(2026, 1, 1, 12, 0, tzinfo=timezone(timedelta(hours=5, minutes=30))),
+        datetime(2026, 1, 1, 0, 0, 0, 5),  # naive: taken as UTC
+    ]
+    events = [
+        CloudEvent(
+            specversion="1.0", id=f"e{i}", source=text, type="t", time=at, subject=text,
+            data=Arrival(dataset=text, partition=None if i else text, attributes={"k": text}),
+        )
+        for i, at in enumerate(times)
+    ]  # fmt: skip
+    incoming = [
+        IncomingEvent(
+            event=e, envelope=encode_structured(e), topic="t", partition=2, offset=2**40 + i,
+            published_at=None, traceparent=text, contract_error=text,
+        )
+        for i, e in enumerate(events)
+    ]  # fmt: skip
+    params = {"n": None, "list": [1, 2.5, text], "big": 2**62}
+    requests = [
+        (e, RunRequest(rule=text, pipeline="p", trigger_key=e.event.id, priority=-3,
+                       params=params), True)
+        for e in incoming
+    ]  # fmt: skip
+    started = datetime(2026, 11, 25, 10, 0, 0, 1, tzinfo=UTC)
+    async with Store.open(pg_dsn, schema=pg_schema.name, min_size=1, max_size=1) as store:
+        await store.migrate()
+        keys, created = await store.ingest_simple(incoming, requests, "me", 60)
+        assert sorted(keys) == [(text, f"e{i}") for i in range(4)]
+        run_id = created[0][0]
+        written = [
+            AttemptWrite(run_id=run_id, step=text, attempt=1, status="failed", error=text,
+                         started_at=started, finished_at=started),
+            AttemptWrite(run_id=run_id, step=text, attempt=2, status="succeeded",
+                         output=b"null", started_at=started, finished_at=started),
+            AttemptWrite(run_id=run_id, step="s", attempt=1, status="succeeded",
+                         output=b'{"a":[1,"\\u00e9",null]}', started_at=started, skipped=True),
+        ]  # fmt: skip
+        lost, _ = await store.record_outcomes("me", written, [])
+        assert lost == set()
+        async with store.pool.acquire() as conn:
+            stored = await conn.fetch(
+                """SELECT source, event_id, subject, event_time, dataset, partition_key,
+                          envelope, kafka_partition, kafka_offset, published_at, traceparent,
+                          contract_error
+                   FROM events ORDER BY kafka_offset"""
+            )
+            runs = await conn.fetch("SELECT rule, priority, params FROM runs ORDER BY id")
+            rows = await conn.fetch(
+                """SELECT step, attempt, status, output IS NULL AS no_output, output::text,
+                          error, started_at, finished_at, skipped
+                   FROM step_attempts ORDER BY step, attempt"""
+            )
+    assert [r["event_time"] for r in stored] == [
+        times[0],
+        times[1],
+        times[2],
+        times[3].replace(tzinfo=UTC),
+    ]
+    assert [msgspec.json.decode(r["envelope"]) for r in stored] == [
+        msgspec.json.decode(e.envelope) for e in incoming
+    ]
+    assert all(
+        (r["source"], r["subject"], r["dataset"], r["traceparent"], r["contract_error"])
+        == (text,) * 5
+        for r in stored
+    )
+    assert [r["partition_key"] for r in stored] == [text, None, None, None]
+    assert [(r["kafka_partition"], r["kafka_offset"]) for r in stored] == [
+        (2, 2**40 + i) for i in range(4)
+    ]
+    assert {r["published_at"] for r in stored} == {None}
+    assert {(r["rule"], r["priority"]) for r in runs} == {(text, -3)}
+    assert [msgspec.json.decode(r["params"]) for r in runs] == [params] * 4
+    assert sorted(tuple(r) for r in rows) == sorted(
+        [
+            ("s", 1, "succeeded", False, '{"a": [1, "é", null]}', None, started, None, True),
+            (text, 1, "failed", True, None, text, started, started, False),
+            (text, 2, "succeeded", False, "null", None, started, started, False),
+        ]
+    )

@@ -69,17 +69,53 @@ async def test_a_plan_made_on_an_empty_table_looks_runs_up_by_key_once_it_has_gr
                     " AND statement NOT LIKE '%pg_prepared_statements%'"
                 )
             ]
-            now = datetime.now(UTC).timestamp()  # times travel as epoch seconds
+            now = datetime.now(UTC).timestamp()  # rows travel as JSON, times as epoch seconds
+            attempts = f'[[1, "s", 1, "succeeded", null, null, {now}, {now}, false]]'
+            finishes = "'{1}', '{succeeded}', '{NULL}', '{NULL}'"
             plan = "\n".join(
                 r[0]
-                for r in await conn.fetch(
-                    f"EXPLAIN EXECUTE {name}('{{1}}', '{{s}}', '{{1}}', '{{succeeded}}',"
-                    f" '{{NULL}}', '{{NULL}}', '{{{now}}}', '{{{now}}}', '{{f}}', 'me', '{{1}}',"
-                    " '{succeeded}', '{NULL}', '{NULL}')"
-                )
+                for r in await conn.fetch(f"EXPLAIN EXECUTE {name}('{attempts}', 'me', {finishes})")
             )
     assert "Seq Scan on runs" not in plan, plan
     assert "runs_pkey" in plan, plan
+    assert "runs_running_idx" not in plan, plan  # 20,000 running runs, 1 to finish
+
+
+async def test_heartbeats_look_leases_up_by_id_not_through_every_running_run(
+    pg_dsn: str, pg_schema: PgSchema
+) -> None:
+    async with Store.open(
+        pg_dsn, schema=pg_schema.name, min_size=1, max_size=1, planner=KEY_LOOKUP_PLANNER
+    ) as store:
+        await store.migrate()
+        async with store.pool.acquire() as conn:
+            ids = await _running_runs(conn, 8, 0)
+        for _ in range(6):  # past the 5 executions after which Postgres may keep a plan
+            assert set(await store.heartbeat("me", ids[:2], 30)) == set(ids[:2])
+        async with store.pool.acquire() as conn:
+            await _running_runs(conn, 20_000, 100)  # grown, not analyzed
+            (name,) = [
+                r["name"]
+                for r in await conn.fetch(
+                    "SELECT name FROM pg_prepared_statements"
+                    " WHERE statement LIKE '%RETURNING id, cancel_requested%'"
+                    " AND statement NOT LIKE '%pg_prepared_statements%'"
+                )
+            ]
+            plan = "\n".join(
+                r[0] for r in await conn.fetch(f"EXPLAIN EXECUTE {name}('me', '{{1,2}}', 30)")
+            )
+    assert "runs_running_idx" not in plan, plan
+    assert "runs_pkey" in plan, plan
+
+
+async def test_a_lease_is_held_only_by_a_running_run(pg_dsn: str, pg_schema: PgSchema) -> None:
+    async with Store.open(pg_dsn, schema=pg_schema.name, min_size=1, max_size=1) as store:
+        await store.migrate()
+        async with store.pool.acquire() as conn:
+            [run_id] = await _running_runs(conn, 1, 0)
+            with pytest.raises(asyncpg.CheckViolationError):
+                await conn.execute("UPDATE runs SET status = 'succeeded' WHERE id = $1", run_id)
 
 
 async def test_the_daemon_never_reads_a_hot_table_end_to_end(
