@@ -121,12 +121,13 @@ ON CONFLICT (event_id) DO NOTHING
 # as they were before the statement, so a run finished here still has its lease for the
 # attempts written with it. Attempts ($1) travel as a ``json_rows`` document; an attempt's
 # output is ``[output]`` or ``[]``, so that a step's JSON ``null`` stays apart from no output.
-# Times are epoch seconds (``epoch_seconds``). Outcomes ($3-$6) are ``unnest`` columns.
-# Runs are looked up by ``id = ANY(...)``: the statement stays prepared with a generic plan,
-# made while the runs table was small, and a join estimated from the rows would read all of
-# it. A run has a lease only while running (``runs_lease_only_while_running``), so the
-# finished runs are found by id and lease owner, without the runs_running_idx scan of every
-# running run that a ``status = 'running'`` condition leads to.
+# Times are epoch seconds (``epoch_seconds``). The statement stays prepared with a generic
+# plan, made while the runs table was small. The attempts' runs are looked up by
+# ``id = ANY(ARRAY(...))``: a join estimated from the document's rows would read the whole
+# runs table. Outcomes ($3-$6) are ``unnest`` columns, each probing ``runs_pkey``. A run has
+# a lease only while running (``runs_lease_only_while_running``), so no ``status =
+# 'running'`` condition: it led Postgres to runs_running_idx, every running run of every
+# daemon, once per outcome.
 _RECORD_AND_FINISH = """
 WITH a AS (
     INSERT INTO step_attempts (run_id, step, attempt, status, output, error, owner, started_at,
@@ -150,7 +151,7 @@ WITH a AS (
         lease_owner = NULL, lease_expires_at = NULL
     FROM unnest($3::bigint[], $4::text[], $5::text[], $6::text[])
          AS u(id, status, failed_step, error)
-    WHERE r.id = u.id AND r.id = ANY($3::bigint[]) AND r.lease_owner = $2
+    WHERE r.id = u.id AND r.lease_owner = $2
     RETURNING r.id
 )
 SELECT DISTINCT run_id AS id, false AS finished FROM a

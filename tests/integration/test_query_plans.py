@@ -79,6 +79,7 @@ async def test_a_plan_made_on_an_empty_table_looks_runs_up_by_key_once_it_has_gr
     assert "Seq Scan on runs" not in plan, plan
     assert "runs_pkey" in plan, plan
     assert "runs_running_idx" not in plan, plan  # 20,000 running runs, 1 to finish
+    assert "Index Cond: (id = u.id)" in plan, plan  # one probe per run finished
 
 
 async def test_heartbeats_look_leases_up_by_id_not_through_every_running_run(
