@@ -57,8 +57,21 @@ def generate(node: Node) -> Test:
 
 def generate_group(members: Sequence[tuple[int, Node]]) -> Group:
     """One function for several patterns: ``group(event, append)`` calls ``append(i)`` for
-    each member ``(i, node)`` whose node matches, in member order."""
+    each member ``(i, node)`` whose node matches, in member order.
+
+    A top-level field that several members test is read once, before the members (reading
+    a field has no effect, so reading it for a member that fails earlier changes nothing).
+    """
     writer = _Writer(fail="break")
+    uses: dict[str, int] = {}
+    for _, node in members:
+        for key in {c.key for c in node.ordered if isinstance(c, Field | Nested)}:
+            uses[key] = uses.get(key, 0) + 1
+    for key, count in uses.items():
+        if count > 1:
+            value = writer.var()
+            writer.emit(1, f"{value} = o0.get({writer.const(key)}, M)")
+            writer.shared[key] = value
     for index, node in members:
         writer.emit(1, "while True:")  # a block to break out of: 'break' means no match
         writer.node(node, "o0", 2)
@@ -84,6 +97,8 @@ class _Writer:
         self.lines: list[str] = []
         self.names: list[str] = []
         self.values: list[Any] = []
+        self.shared: dict[str, str] = {}
+        """Variables holding top-level fields already read (key -> name)."""
         self._vars = 0
 
     def build(self, name: str, params: str, body: list[str]) -> Any:
@@ -123,9 +138,16 @@ class _Writer:
         if not node.ordered:
             self.emit(depth, "pass")
 
-    def field(self, clause: Field, obj: str, depth: int) -> None:
+    def load(self, key: str, obj: str, depth: int) -> str:
+        """The variable holding field ``key`` of ``obj``, read here unless already read."""
+        if obj == "o0" and key in self.shared:
+            return self.shared[key]
         value = self.var()
-        self.emit(depth, f"{value} = {obj}.get({self.const(clause.key)}, M)")
+        self.emit(depth, f"{value} = {obj}.get({self.const(key)}, M)")
+        return value
+
+    def field(self, clause: Field, obj: str, depth: int) -> None:
+        value = self.load(clause.key, obj, depth)
         guard, expr, consts = clause.leaf.inline
         names = {f"c{i}": self.const(c) for i, c in enumerate(consts)}
         self.emit(depth, f"if {_GUARDS[guard].format(v=value)}:")
@@ -134,8 +156,7 @@ class _Writer:
         self.emit(depth, f"elif not {fallback}({value}): {self.fail}")
 
     def nested(self, clause: Nested, obj: str, depth: int) -> None:
-        value = self.var()
-        self.emit(depth, f"{value} = {obj}.get({self.const(clause.key)}, M)")
+        value = self.load(clause.key, obj, depth)
         self.emit(depth, f"if {value}.__class__ is dict:")
         self.node(clause.sub, value, depth + 1)
         self.emit(depth, f"elif not {self.const(clause.other)}({value}): {self.fail}")

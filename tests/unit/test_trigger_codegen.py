@@ -159,3 +159,28 @@ def test_shapes_share_compiled_code() -> None:
     assert first.matches.__code__ is second.matches.__code__
     assert first.matches({"type": "t", "data": {"dataset": "one"}})
     assert not second.matches({"type": "t", "data": {"dataset": "one"}})
+
+
+class _CountingDict(dict[str, Any]):
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.reads: dict[str, int] = {}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.reads[key] = self.reads.get(key, 0) + 1
+        return super().get(key, default)
+
+
+def test_group_reads_a_field_its_members_share_once() -> None:
+    patterns = [
+        compile_pattern({"a": ["x"], "b": [{"prefix": "y"}]}),
+        compile_pattern({"a": [{"prefix": "x"}], "c": {"d": [1]}}),
+        compile_pattern({"c": {"d": [{"numeric": [">", 0]}]}, "b": ["yy"]}),
+        compile_pattern({"e": [{"exists": False}]}),
+    ]
+    group = generate_group([(i, p.root) for i, p in enumerate(patterns)])
+    event = _CountingDict({"a": "x", "b": "yy", "c": {"d": 1}})
+    hits: list[int] = []
+    group(event, hits.append)
+    assert hits == [0, 1, 2, 3]
+    assert event.reads == {"a": 1, "b": 1, "c": 1, "e": 1}
