@@ -78,6 +78,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--profile-seconds", type=float, default=20.0)
     p.add_argument(
+        "--no-traced",
+        action="store_true",
+        help="skip W1's traced 3-step drain (spans exported by OTLP to a local receiver)",
+    )
+    p.add_argument(
         "--set",
         action="append",
         default=[],
@@ -231,6 +236,15 @@ async def _run(args: argparse.Namespace, doc: dict[str, Any], workdir: Path) -> 
                 # W0 measured right after it, the 3-step drain with the one right before it.
                 print(f"W0 limit again: {events:,} events ...", flush=True)
                 w["W0"]["again"] = await guard("W0", wl.w0_limit(s, events), "W0 again")
+            if "W1" in only and not args.no_traced:
+                # Several times slower per run than untraced: a smaller backlog suffices.
+                traced = min(events, 10_000)
+                print(f"W1 drain 3-step, traced (OTLP): {traced:,} events ...", flush=True)
+                w["W1"]["traced"] = await guard(
+                    "W1",
+                    wl.w1_drain(s, "w1-traced", "chain3", traced, traced=True),
+                    "W1 3-step traced",
+                )
             for key, x in w["W1"].items():
                 w0 = w.get("W0", {})
                 nearest = w0.get("again", w0) if key == "single" else w0

@@ -8,7 +8,9 @@ Each prints one JSON object (its result) as the last line of stdout.
   Kafka request per event (librdkafka, ``linger.ms=0``), noting each event's send time;
 * ``limit``: W0, a bare consumer loop (getmany, one batched insert into a simple table,
   manual offset commit): the events/s this broker and Postgres allow;
-* ``matcher``: W3, the pure matcher benchmark of ``bench/matcher.py``.
+* ``matcher``: W3, the pure matcher benchmark of ``bench/matcher.py``;
+* ``sink``: an OTLP/HTTP receiver for the traced W1 drain: answers every export, counts
+  the spans and requests, and prints its counts when SIGTERM stops it.
 
 Child processes keep the harness's event loop free and use uvloop like the daemon does.
 """
@@ -16,9 +18,11 @@ Child processes keep the harness's event loop free and use uvloop like the daemo
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import os
 import resource
+import signal
 import sys
 import time
 from datetime import UTC, datetime
@@ -235,6 +239,64 @@ def matcher(p: dict[str, Any]) -> dict[str, Any]:
     return {"figures": [m.measure(n) for n in p["sizes"]]}
 
 
+class _Stopped(Exception):
+    pass
+
+
+def sink(p: dict[str, Any]) -> dict[str, Any]:
+    """Receive OTLP/HTTP exports on ``port`` until SIGTERM; count spans and requests."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    counts = {"trace_requests": 0, "spans": 0, "metric_requests": 0, "bytes": 0, "errors": 0}
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # the exporters keep their connections open
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            counts["bytes"] += len(body)
+            try:
+                if self.path.endswith("/v1/traces"):
+                    if self.headers.get("Content-Encoding") == "gzip":
+                        body = gzip.decompress(body)
+                    request = ExportTraceServiceRequest.FromString(body)
+                    counts["trace_requests"] += 1
+                    counts["spans"] += sum(
+                        len(scope.spans)
+                        for resource_spans in request.resource_spans
+                        for scope in resource_spans.scope_spans
+                    )
+                else:
+                    counts["metric_requests"] += 1
+            except Exception:
+                counts["errors"] += 1
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return None
+
+    def stop(_signum: int, _frame: Any) -> None:
+        raise _Stopped
+
+    server = ThreadingHTTPServer(("127.0.0.1", int(p["port"])), Handler)
+    server.daemon_threads = True
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        server.serve_forever(poll_interval=0.2)
+    except _Stopped:
+        pass
+    finally:
+        server.server_close()
+    return {**counts, "cpu_seconds": round(_own_cpu(), 3)}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     task, params = args[0], json.loads(args[1])
@@ -242,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         result = matcher(params)
     elif task == "rate":
         result = rate(params)
+    elif task == "sink":
+        result = sink(params)
     else:
         coro = {"publish": publish, "limit": limit}[task](params)
         try:

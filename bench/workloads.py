@@ -3,13 +3,15 @@ or ``error``; none runs past its deadline, and every process it starts is reaped
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
 import logging
 import signal
 import sys
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from bench.infra import (
     Child,
     DaemonProcess,
     Infra,
+    cpu_seconds,
     load_average,
     machine_cpu,
     publish_backlog,
@@ -32,6 +35,7 @@ from bench.infra import (
 from bench.pipelines import FIRST_STEP
 from bench.stats import per_second, rate, summarize
 from bench.worker import SOURCE, event_record
+from orchestrator.dev._proc import free_port
 
 __all__ = ["Session", "w0_limit", "w1_drain", "w2_latency", "w3_matching", "w4_memory"]
 
@@ -183,10 +187,83 @@ async def _poll_runs(
             await anyio.sleep(0.2)
 
 
+@contextlib.asynccontextmanager
+async def _otlp_sink(s: Session, name: str) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """An OTLP/HTTP receiver in a child process (``bench.worker sink``): yields its endpoint
+    and a dict that holds its counts and CPU once the block ends."""
+    port = free_port()
+    out = s.workdir / f"{name}-sink.log"
+    child = Child(
+        f"{name} OTLP sink",
+        [sys.executable, "-m", "bench.worker", "sink", json.dumps({"port": port})],
+        out,
+    )
+    report: dict[str, Any] = {}
+    await child.start()
+    try:
+        with anyio.fail_after(15):
+            while True:
+                try:
+                    await (await anyio.connect_tcp("127.0.0.1", port)).aclose()
+                    break
+                except OSError:
+                    _check_child(child)
+                    await anyio.sleep(0.05)
+        yield f"http://127.0.0.1:{port}", report
+    finally:
+        report["cpu_seconds"] = cpu_seconds(child.pid)
+        await child.stop(grace=5)
+        lines = out.read_text(errors="replace").strip().splitlines()
+        with contextlib.suppress(ValueError, IndexError):
+            report.update(json.loads(lines[-1]))
+
+
+def _check_child(child: Child) -> None:
+    if not child.alive:
+        raise WorkloadError(f"{child.name} exited:\n{child.log_tail()}")
+
+
 async def w1_drain(
-    s: Session, name: str, pipeline: str, events: int, *, daemons: int = 1
+    s: Session,
+    name: str,
+    pipeline: str,
+    events: int,
+    *,
+    daemons: int = 1,
+    traced: bool = False,
 ) -> dict[str, Any]:
-    """Pre-publish ``events``, start ``daemons`` processes, time until every run succeeded."""
+    """Pre-publish ``events``, start ``daemons`` processes, time until every run succeeded.
+
+    ``traced``: the daemons export their spans and metrics by OTLP/HTTP to a receiver in a
+    child process (``bench.worker sink``), so every span the events' sampled traceparents
+    ask for is recorded, batched and sent; ``result["otlp"]`` has what it received.
+    """
+    async with contextlib.AsyncExitStack() as stack:
+        overrides = s.overrides
+        otlp: dict[str, Any] | None = None
+        if traced:
+            endpoint, otlp = await stack.enter_async_context(_otlp_sink(s, name))
+            overrides = {
+                **overrides,
+                "telemetry": {**overrides.get("telemetry", {}), "otlp_endpoint": endpoint},
+            }
+        result = await _w1_drain(s, name, pipeline, events, daemons, overrides)
+    if otlp is not None:
+        result["otlp"] = otlp
+        spans, done = otlp.get("spans"), result.get("succeeded")
+        if spans and done:
+            result["otlp"]["spans_per_run"] = round(spans / done, 2)
+    return result
+
+
+async def _w1_drain(
+    s: Session,
+    name: str,
+    pipeline: str,
+    events: int,
+    daemons: int,
+    overrides: Mapping[str, Mapping[str, Any]],
+) -> dict[str, Any]:
     uid = _uid()
     topic, dataset = f"bench-{name}-{uid}", f"bench.{name}"
     schema = f"b_{name}_{uid}".replace("-", "_")
@@ -205,7 +282,7 @@ async def w1_drain(
             s.workdir, name, bootstrap=s.infra.bootstrap, group_timings=s.infra.group_timings,
             dsn=s.infra.dsn, topic=topic,
             group=f"g-{topic}", schema=schema, pipeline=pipeline, dataset=dataset,
-            overrides=s.overrides,
+            overrides=overrides,
         )  # fmt: skip
         await s.infra.migrate(config)
         procs = [
