@@ -245,6 +245,12 @@ async def _run(args: argparse.Namespace, doc: dict[str, Any], workdir: Path) -> 
                     wl.w1_drain(s, "w1-traced", "chain3", traced, traced=True),
                     "W1 3-step traced",
                 )
+                print(f"W1 drain 3-step, exporter on, unsampled: {traced:,} events ...", flush=True)
+                w["W1"]["unsampled"] = await guard(
+                    "W1",
+                    wl.w1_drain(s, "w1-unsampled", "chain3", traced, traced=True, sampled=False),
+                    "W1 3-step unsampled",
+                )
             for key, x in w["W1"].items():
                 w0 = w.get("W0", {})
                 nearest = w0.get("again", w0) if key == "single" else w0

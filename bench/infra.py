@@ -202,8 +202,10 @@ async def publish_backlog(
     processes: int,
     limit: float,
     workdir: Path,
+    sampled: bool = True,
 ) -> dict[str, Any]:
-    """Publish ``count`` events with ``processes`` producer processes; time the whole."""
+    """Publish ``count`` events with ``processes`` producer processes; time the whole.
+    ``sampled``: the sampled flag of the events' ``traceparent``."""
     share, extra = divmod(count, processes)
     began = time.perf_counter()
     results: list[dict[str, Any]] = []
@@ -216,6 +218,7 @@ async def publish_backlog(
             "dataset": dataset,
             "start": start,
             "count": n,
+            "sampled": sampled,
         }
         results.append(await run_worker("publish", params, limit=limit, workdir=workdir))
 

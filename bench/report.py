@@ -65,19 +65,22 @@ def render(doc: Mapping[str, Any], targets: list[Target]) -> str:
                 f"W0 again     right after W1 1-step: {_n(x['again'].get('events_per_second'))}"
                 f" events/s{_status(x['again'])}"
             )
-    for key, label in (("chain3", "3-step"), ("single", "1-step"), ("traced", "traced")):
+    drains = (("chain3", "3-step"), ("single", "1-step"), ("traced", "traced"),
+              ("unsampled", "unsampled"))  # fmt: skip
+    for key, label in drains:
         x = w.get("W1", {}).get(key)
         if x:
             lines.append(_drain_line(f"W1 {label}", x))
-            if x.get("ratio_to_w0") is not None and key != "traced":
+            if x.get("ratio_to_w0") is not None and key in ("chain3", "single"):
                 lines.append(
                     f"             = {x['ratio_to_w0']:.1%} of W0 "
                     f"({_n(x.get('w0_events_per_second'))} events/s, the nearest W0 run)"
                 )
             otlp = x.get("otlp")
             if otlp:
+                kind = "sampled" if key == "traced" else "unsampled"
                 lines.append(
-                    f"             3-step with spans exported by OTLP/HTTP: received"
+                    f"             3-step, exporter on ({kind} traceparents): received"
                     f" {_n(otlp.get('spans'))} spans ({otlp.get('spans_per_run', '-')} per run)"
                     f" in {_n(otlp.get('trace_requests'))} requests, and"
                     f" {_n(otlp.get('metric_requests'))} metric exports; receiver"

@@ -39,11 +39,11 @@ SOURCE = "bench://publisher"
 
 
 def event_record(
-    prefix: str, i: int, dataset: str, *, now: datetime | None = None
+    prefix: str, i: int, dataset: str, *, now: datetime | None = None, sampled: bool = True
 ) -> tuple[bytes, bytes, list[tuple[str, bytes]]]:
     """``(value, key, headers)`` of benchmark event ``i``: a structured CloudEvent with id
-    ``<prefix>-<i>``, a W3C ``traceparent`` as a traced producer would send, and a key that
-    spreads events over the topic's partitions."""
+    ``<prefix>-<i>``, a W3C ``traceparent`` as a traced producer would send (``sampled``:
+    its sampled flag), and a key that spreads events over the topic's partitions."""
     partition = f"p{i % 1024}"
     event = CloudEvent(
         specversion="1.0",
@@ -59,7 +59,7 @@ def event_record(
     span_id = int.from_bytes(os.urandom(8)) or 1
     headers = [
         ("content-type", b"application/cloudevents+json"),
-        ("traceparent", f"00-{trace_id:032x}-{span_id:016x}-01".encode()),
+        ("traceparent", f"00-{trace_id:032x}-{span_id:016x}-{'01' if sampled else '00'}".encode()),
     ]
     return encode_structured(event), f"{dataset}/{partition}".encode(), headers
 
@@ -82,7 +82,9 @@ async def publish(p: dict[str, Any]) -> dict[str, Any]:
     pending: list[asyncio.Future[Any]] = []
     try:
         for i in range(p["start"], p["start"] + p["count"]):
-            value, key, headers = event_record(p["prefix"], i, p["dataset"], now=now)
+            value, key, headers = event_record(
+                p["prefix"], i, p["dataset"], now=now, sampled=p.get("sampled", True)
+            )
             pending.append(await producer.send(p["topic"], value, key=key, headers=headers))
             if len(pending) >= 20_000:
                 await asyncio.gather(*pending)

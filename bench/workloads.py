@@ -231,12 +231,15 @@ async def w1_drain(
     *,
     daemons: int = 1,
     traced: bool = False,
+    sampled: bool = True,
 ) -> dict[str, Any]:
     """Pre-publish ``events``, start ``daemons`` processes, time until every run succeeded.
 
     ``traced``: the daemons export their spans and metrics by OTLP/HTTP to a receiver in a
     child process (``bench.worker sink``), so every span the events' sampled traceparents
     ask for is recorded, batched and sent; ``result["otlp"]`` has what it received.
+    ``sampled=False``: the events' ``traceparent`` says not sampled (sampling at the
+    producer), so the daemon records none of their spans.
     """
     async with contextlib.AsyncExitStack() as stack:
         overrides = s.overrides
@@ -247,7 +250,7 @@ async def w1_drain(
                 **overrides,
                 "telemetry": {**overrides.get("telemetry", {}), "otlp_endpoint": endpoint},
             }
-        result = await _w1_drain(s, name, pipeline, events, daemons, overrides)
+        result = await _w1_drain(s, name, pipeline, events, daemons, overrides, sampled)
     if otlp is not None:
         result["otlp"] = otlp
         spans, done = otlp.get("spans"), result.get("succeeded")
@@ -263,6 +266,7 @@ async def _w1_drain(
     events: int,
     daemons: int,
     overrides: Mapping[str, Mapping[str, Any]],
+    sampled: bool,
 ) -> dict[str, Any]:
     uid = _uid()
     topic, dataset = f"bench-{name}-{uid}", f"bench.{name}"
@@ -275,7 +279,7 @@ async def _w1_drain(
     try:
         result["publish"] = await publish_backlog(
             s.infra.bootstrap, topic, prefix=f"{name}{uid}", dataset=dataset, count=events,
-            processes=s.publishers, limit=s.timeout, workdir=s.workdir,
+            processes=s.publishers, limit=s.timeout, workdir=s.workdir, sampled=sampled,
         )  # fmt: skip
         await s.infra.create_schema(schema)
         config = write_config(
