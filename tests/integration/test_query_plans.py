@@ -6,6 +6,7 @@ is nearly empty scans it whole and stays in use as the table grows (until an ANA
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 import asyncpg
@@ -48,34 +49,51 @@ async def _record(store: Store, run_id: int) -> None:
     assert (lost, finished) == (set(), {run_id})
 
 
-async def test_a_plan_made_on_an_empty_table_looks_runs_up_by_key_once_it_has_grown(
-    pg_dsn: str, pg_schema: PgSchema
-) -> None:
+async def _plan_once_grown(
+    pg_dsn: str,
+    schema: str,
+    use: Callable[[Store, list[int]], Awaitable[None]],
+    statement_like: str,
+    arguments: str,
+) -> str:
+    """Run a statement through ``use`` while the runs table is nearly empty, until Postgres
+    may keep a generic plan; grow the table to 20,000 running runs (not analyzed); return
+    the plan the prepared statement then has for ``arguments``."""
     async with Store.open(
-        pg_dsn, schema=pg_schema.name, min_size=1, max_size=1, planner=KEY_LOOKUP_PLANNER
+        pg_dsn, schema=schema, min_size=1, max_size=1, planner=KEY_LOOKUP_PLANNER
     ) as store:
         await store.migrate()
         async with store.pool.acquire() as conn:
             ids = await _running_runs(conn, 8, 0)
-        for run_id in ids:  # past the 5 executions after which Postgres may keep a plan
-            await _record(store, run_id)
+        await use(store, ids)
         async with store.pool.acquire() as conn:
             await _running_runs(conn, 20_000, 100)  # grown, not analyzed
             (name,) = [
                 r["name"]
                 for r in await conn.fetch(
-                    "SELECT name FROM pg_prepared_statements"
-                    " WHERE statement LIKE '%INSERT INTO step_attempts%'"
-                    " AND statement NOT LIKE '%pg_prepared_statements%'"
+                    "SELECT name FROM pg_prepared_statements WHERE statement LIKE $1"
+                    " AND statement NOT LIKE '%pg_prepared_statements%'",
+                    f"%{statement_like}%",
                 )
             ]
-            now = datetime.now(UTC).timestamp()  # rows travel as JSON, times as epoch seconds
-            attempts = f'[[1, "s", 1, "succeeded", null, null, {now}, {now}, false]]'
-            finishes = "'{1}', '{succeeded}', '{NULL}', '{NULL}'"
-            plan = "\n".join(
-                r[0]
-                for r in await conn.fetch(f"EXPLAIN EXECUTE {name}('{attempts}', 'me', {finishes})")
-            )
+            rows = await conn.fetch(f"EXPLAIN EXECUTE {name}({arguments})")
+    return "\n".join(r[0] for r in rows)
+
+
+async def test_a_plan_made_on_an_empty_table_looks_runs_up_by_key_once_it_has_grown(
+    pg_dsn: str, pg_schema: PgSchema
+) -> None:
+    async def record_each(store: Store, ids: list[int]) -> None:
+        for run_id in ids:  # past the 5 executions after which Postgres may keep a plan
+            await _record(store, run_id)
+
+    now = datetime.now(UTC).timestamp()  # rows travel as JSON, times as epoch seconds
+    attempts = f'[[1, "s", 1, "succeeded", null, null, {now}, {now}, false]]'
+    finishes = "'{1}', '{succeeded}', '{NULL}', '{NULL}'"
+    plan = await _plan_once_grown(
+        pg_dsn, pg_schema.name, record_each, "INSERT INTO step_attempts",
+        f"'{attempts}', 'me', {finishes}",
+    )  # fmt: skip
     assert "Seq Scan on runs" not in plan, plan
     assert "runs_pkey" in plan, plan
     assert "runs_running_idx" not in plan, plan  # 20,000 running runs, 1 to finish
@@ -85,27 +103,14 @@ async def test_a_plan_made_on_an_empty_table_looks_runs_up_by_key_once_it_has_gr
 async def test_heartbeats_look_leases_up_by_id_not_through_every_running_run(
     pg_dsn: str, pg_schema: PgSchema
 ) -> None:
-    async with Store.open(
-        pg_dsn, schema=pg_schema.name, min_size=1, max_size=1, planner=KEY_LOOKUP_PLANNER
-    ) as store:
-        await store.migrate()
-        async with store.pool.acquire() as conn:
-            ids = await _running_runs(conn, 8, 0)
+    async def heartbeats(store: Store, ids: list[int]) -> None:
         for _ in range(6):  # past the 5 executions after which Postgres may keep a plan
             assert set(await store.heartbeat("me", ids[:2], 30)) == set(ids[:2])
-        async with store.pool.acquire() as conn:
-            await _running_runs(conn, 20_000, 100)  # grown, not analyzed
-            (name,) = [
-                r["name"]
-                for r in await conn.fetch(
-                    "SELECT name FROM pg_prepared_statements"
-                    " WHERE statement LIKE '%RETURNING id, cancel_requested%'"
-                    " AND statement NOT LIKE '%pg_prepared_statements%'"
-                )
-            ]
-            plan = "\n".join(
-                r[0] for r in await conn.fetch(f"EXPLAIN EXECUTE {name}('me', '{{1,2}}', 30)")
-            )
+
+    plan = await _plan_once_grown(
+        pg_dsn, pg_schema.name, heartbeats, "RETURNING id, cancel_requested",
+        "'me', '{1,2}', 30",
+    )  # fmt: skip
     assert "runs_running_idx" not in plan, plan
     assert "runs_pkey" in plan, plan
 
