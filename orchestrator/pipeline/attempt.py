@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 import traceback
 from collections.abc import Awaitable, Callable, Mapping
@@ -77,6 +78,8 @@ _EMPTY: Mapping[str, Any] = MappingProxyType({})
 _DURATION_ATTRIBUTES: dict[tuple[str, str, str], Mapping[str, str]] = {}
 """Histogram attributes by (pipeline, step, status), shared by every attempt."""
 _DURATION_ATTRIBUTES_LIMIT = 10_000
+_NUL_ESCAPE = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+"""A JSON ``\\u0000`` escape: not itself an escaped backslash followed by ``u0000``."""
 
 Call = Callable[[StepContext], Awaitable[Any]]
 """Calls the step function with the context and its prepared inputs."""
@@ -412,12 +415,19 @@ def _stand_in(tracer: trace.Tracer, parent: otel_context.Context) -> trace.Span 
 
 def _encode(step: str, value: Any) -> bytes:
     try:
-        return _encoder.encode(value)
+        output = _encoder.encode(value)
     except (TypeError, ValueError, OverflowError) as exc:
         raise NonRetryableError(
             f"step {step!r} returned {type(value).__qualname__}, which is not"
             f" msgspec-serializable ({exc}); return a Struct, dataclass, dict, list or scalar"
         ) from exc
+    if b"\\u0000" in output and _NUL_ESCAPE.search(output):
+        # Postgres' jsonb refuses it, and the row would hold up every row written with it.
+        raise NonRetryableError(
+            f"step {step!r} returned a string with a NUL character (\\u0000), which Postgres"
+            " cannot store; remove it, or return binary data encoded (base64)"
+        )
+    return output
 
 
 def describe(exc: BaseException) -> str:

@@ -211,3 +211,29 @@ async def test_a_step_error_with_a_nul_character_is_recorded(
     (attempt,) = await fetch(pg_dsn, pg_schema.name, "SELECT status, error FROM step_attempts")
     assert attempt["status"] == "failed"
     assert "RuntimeError: bad\ufffdbyte" in attempt["error"]
+
+
+async def test_a_step_output_postgres_cannot_store_fails_the_step_with_a_clear_error(
+    kafka_bootstrap: str, topic: str, pg_dsn: str, pg_schema: PgSchema
+) -> None:
+    pipeline = Pipeline("gated")
+
+    @pipeline.step()
+    async def nul(ctx: StepContext) -> str:
+        return "a\x00b"  # JSON "\u0000": jsonb cannot hold it
+
+    settings = make_settings(kafka_bootstrap, topic, pg_dsn, pg_schema.name)
+    async with running_daemon(settings, {"gated": pipeline}, RULES, Traced()):
+        async with open_producer(settings) as producer:
+            await publish_event(producer, topic, new_arrival("local.feed"), TRACER)
+
+        async def failed() -> int:
+            return await count(
+                pg_dsn, pg_schema.name, "SELECT count(*) AS n FROM runs WHERE status='failed'"
+            )
+
+        # It used to be refused by Postgres with the rows written with it, again and again.
+        await wait_for(failed, within=20, what="the run to fail with its error recorded")
+    (attempt,) = await fetch(pg_dsn, pg_schema.name, "SELECT status, error FROM step_attempts")
+    assert attempt["status"] == "failed"
+    assert "returned a string with a NUL character" in attempt["error"]

@@ -436,6 +436,23 @@ async def test_unserializable_output_is_a_non_retryable_failure(h: Harness) -> N
     assert h.recorder.statuses() == {"opaque": ["failed"]}
 
 
+async def test_an_output_with_a_nul_character_is_a_non_retryable_failure(h: Harness) -> None:
+    p = Pipeline("orders")
+
+    @p.step(retry=3)
+    async def nul(ctx: StepContext) -> Any:
+        return {"key\x00": "value"}
+
+    @p.step()
+    async def fine(ctx: StepContext) -> str:
+        return "a\\u0000 is six characters here, not a NUL"
+
+    outcome = await h.run(p)
+    assert outcome.failed_step == "nul"
+    assert "step 'nul' returned a string with a NUL character" in (outcome.error or "")
+    assert h.recorder.statuses() == {"nul": ["failed"], "fine": ["succeeded"]}
+
+
 # -- failures ------------------------------------------------------------------------------
 
 
