@@ -11,6 +11,11 @@ in flight (they fill the next one), and wait only when the next one is full too.
 
 Writes are fenced by the lease: rows of runs this daemon no longer holds are refused,
 and ``on_lost`` is told, so a daemon that lost a run stops executing it.
+
+A write is retried while Postgres is unavailable. A write Postgres refuses (a value it
+cannot store, a constraint) is written again run by run, so that it holds up no other run:
+a run whose rows are refused loses them (logged with the reason) and, if its outcome was
+queued, is recorded failed with the reason.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import anyio.lowlevel
 from anyio.abc import TaskStatus
 
 from orchestrator.backoff import backoff_delay
-from orchestrator.errors import StoreError
+from orchestrator.errors import StoreError, StoreRejected
 from orchestrator.health import Health
 from orchestrator.store import AttemptWrite, OutboxWrite, RunFinish, Store
 
@@ -137,22 +142,12 @@ class OutcomeWriter:
         if not (attempts or finishes or releases or outbox):
             flush.done.set()
             return
-        retry = 0
-        while True:
-            try:
-                lost, recorded = await self._store.record_outcomes(
-                    self._owner,
-                    list(attempts.values()),
-                    list(finishes.values()),
-                    list(releases),
-                    outbox,
-                    notify_finished=self._notify_finished,
-                )
-                break
-            except StoreError as exc:
-                self._health.set("postgres", False, str(exc))
-                await anyio.sleep(backoff_delay(retry))
-                retry += 1
+        rows = list(attempts.values()), finishes, releases, outbox
+        try:
+            lost, recorded = await self._write(*rows)
+        except StoreRejected as exc:
+            log.warning("Postgres rejected a write (%s); writing its runs one by one", exc)
+            lost, recorded = await self._write_apart(*rows)
         self.flushes += 1
         if outbox:
             self._on_outbox()
@@ -162,3 +157,67 @@ class OutcomeWriter:
         flush.done.set()
         if finishes:
             self._on_finished([(f, f.run_id in recorded) for f in finishes.values()])
+
+    async def _write(
+        self,
+        attempts: list[AttemptWrite],
+        finishes: dict[int, RunFinish],
+        releases: set[int],
+        outbox: list[OutboxWrite],
+    ) -> tuple[set[int], set[int]]:
+        """One write, retried while Postgres is unavailable; a rejection is raised."""
+        retry = 0
+        while True:
+            try:
+                return await self._store.record_outcomes(
+                    self._owner,
+                    attempts,
+                    list(finishes.values()),
+                    list(releases),
+                    outbox,
+                    notify_finished=self._notify_finished,
+                )
+            except StoreRejected:
+                raise
+            except StoreError as exc:
+                self._health.set("postgres", False, str(exc))
+                await anyio.sleep(backoff_delay(retry))
+                retry += 1
+
+    async def _write_apart(
+        self,
+        attempts: list[AttemptWrite],
+        finishes: dict[int, RunFinish],
+        releases: set[int],
+        outbox: list[OutboxWrite],
+    ) -> tuple[set[int], set[int]]:
+        """Write each run's rows in a write of its own, so that rows Postgres refuses hold
+        up no other run. A refused run's rows are dropped (logged with the reason), and its
+        outcome, if one was queued, is recorded as failed with that reason."""
+        runs = {a.run_id for a in attempts} | set(finishes) | releases
+        runs |= {o.run_id for o in outbox}
+        lost: set[int] = set()
+        recorded: set[int] = set()
+        for run_id in sorted(runs):
+            mine = [a for a in attempts if a.run_id == run_id]
+            finish = {run_id: finishes[run_id]} if run_id in finishes else {}
+            release = {run_id} & releases
+            events = [o for o in outbox if o.run_id == run_id]
+            reason = None
+            try:
+                one_lost, one_recorded = await self._write(mine, finish, release, events)
+            except StoreRejected as exc:
+                reason, one_lost, one_recorded = str(exc), set(), set()
+            if reason is not None:
+                log.error("run %d: Postgres rejected its rows, dropped: %s", run_id, reason)
+                if finish:
+                    error = f"Postgres rejected the run's step attempts: {reason}"
+                    failed = RunFinish(run_id=run_id, status="failed", error=error[:4000])
+                    finishes[run_id] = failed
+                    try:
+                        one_lost, one_recorded = await self._write([], {run_id: failed}, set(), [])
+                    except StoreRejected as again:  # its lease expires; another claim retries
+                        log.warning("run %d: its failure could not be recorded: %s", run_id, again)
+            lost |= one_lost
+            recorded |= one_recorded
+        return lost, recorded

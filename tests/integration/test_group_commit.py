@@ -13,7 +13,7 @@ import pytest
 from orchestrator.events import Arrival, CloudEvent, encode_structured
 from orchestrator.health import Health
 from orchestrator.pipeline.group_commit import OutcomeWriter
-from orchestrator.store import AttemptWrite, IncomingEvent, RunRequest, Store
+from orchestrator.store import AttemptWrite, IncomingEvent, RunFinish, RunRequest, Store
 from tests.conftest import PgSchema
 
 pytestmark = pytest.mark.anyio
@@ -199,3 +199,52 @@ async def test_rows_keep_every_value_on_the_way_through_json(
             (text, 2, "succeeded", False, "null", None, started, started, False),
         ]
     )
+
+
+async def test_rows_postgres_rejects_hold_up_no_other_run(pg_dsn: str, pg_schema: PgSchema) -> None:
+    """A write Postgres refuses is written again run by run: the other runs are recorded,
+    and the run whose rows were refused is recorded failed with the reason."""
+    events = [
+        IncomingEvent(
+            event=e, envelope=encode_structured(e), topic="t", partition=0, offset=i,
+            published_at=None,
+        )
+        for i, e in enumerate(
+            CloudEvent(specversion="1.0", id=f"e{i}", source="s", type="t",
+                       data=Arrival(dataset="d"))
+            for i in range(3)
+        )
+    ]  # fmt: skip
+    requests = [
+        (e, RunRequest(rule="r", pipeline="p", trigger_key=e.event.id), True) for e in events
+    ]
+    now = datetime.now(UTC)
+    async with Store.open(pg_dsn, schema=pg_schema.name, min_size=1, max_size=2) as store:
+        await store.migrate()
+        _, created = await store.ingest_simple(events, requests, "owner-a", 60)
+        good, bad, running = sorted(run_id for run_id, *_ in created)
+        finished: list[tuple[RunFinish, bool]] = []
+        writer = OutcomeWriter(store, "owner-a", Health(), on_finished=finished.extend)
+        for run_id, status in ((good, "succeeded"), (bad, "no-such-status"), (running, "running")):
+            writer.add_attempt(
+                AttemptWrite(run_id=run_id, step="s", attempt=1, status=status, output=b"1",
+                             started_at=now, finished_at=now)
+            )  # fmt: skip
+        writer.finish(RunFinish(run_id=good, status="succeeded"))
+        writer.finish(RunFinish(run_id=bad, status="succeeded"))
+        with anyio.fail_after(10):
+            await writer.flush()
+        runs = {r.id: r for r in [await store.get_run(i) for i in (good, bad, running)] if r}
+        attempts_written = {
+            run_id: [a.status for a in await store.step_attempts(run_id)]
+            for run_id in (good, bad, running)
+        }
+    assert runs[good].status == "succeeded"
+    assert runs[bad].status == "failed"
+    assert "Postgres rejected the run's step attempts" in (runs[bad].error or "")
+    assert runs[running].status == "running"
+    assert attempts_written == {good: ["succeeded"], bad: [], running: ["running"]}
+    assert sorted((f.run_id, f.status, ok) for f, ok in finished) == [
+        (good, "succeeded", True),
+        (bad, "failed", True),
+    ]
