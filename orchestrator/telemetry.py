@@ -24,9 +24,11 @@ __all__ = [
     "inject_headers",
     "install",
     "records",
+    "skips_unsampled",
     "span_context_from_traceparent",
     "traceparent_from_headers",
     "traceparent_of",
+    "unsampled",
 ]
 
 _propagator = TraceContextTextMapPropagator()
@@ -216,6 +218,9 @@ class Telemetry:
     recording: bool = True
     """Whether the tracer records spans; when it does not (no exporter), components skip
     building spans and only carry the trace context along."""
+    skips_unsampled: bool = False
+    """Whether the tracer never records a span whose parent is unsampled (see
+    :func:`skips_unsampled`): components then skip building spans under such a parent."""
 
     @classmethod
     def from_providers(
@@ -226,7 +231,11 @@ class Telemetry:
         tracer = trace.get_tracer("orchestrator", tracer_provider=tracer_provider)
         meter = metrics.get_meter("orchestrator", meter_provider=meter_provider)
         return cls(
-            tracer=tracer, meter=meter, instruments=Instruments(meter), recording=records(tracer)
+            tracer=tracer,
+            meter=meter,
+            instruments=Instruments(meter),
+            recording=records(tracer),
+            skips_unsampled=skips_unsampled(tracer),
         )
 
 
@@ -238,6 +247,40 @@ def records(tracer: trace.Tracer) -> bool:
     sampler = getattr(tracer, "sampler", None)
     describe = getattr(sampler, "get_description", None)
     return not (callable(describe) and describe() == "AlwaysOffSampler")
+
+
+def skips_unsampled(tracer: trace.Tracer) -> bool:
+    """True when ``tracer`` never records a span whose parent span is unsampled: a tracer
+    that never records, or an SDK tracer whose sampler is parent-based with ``ALWAYS_OFF``
+    for unsampled parents, remote and local (the SDK's default, ``parentbased_*``).
+
+    Under an unsampled parent, such a tracer's spans are non-recording and unsampled, in
+    the parent's trace: carrying the parent's context along instead changes nothing a
+    backend receives, and saves the SDK's work for each span.
+    """
+    if not records(tracer):
+        return True
+    describe = getattr(getattr(tracer, "sampler", None), "get_description", None)
+    if not callable(describe):
+        return False
+    text = str(describe())
+    # The root sampler's description comes first: read the parent-based part from the end.
+    remote = text.rfind(",remoteParentNotSampled:")
+    return (
+        text.startswith("ParentBased{")
+        and remote > 0
+        and text.startswith(",remoteParentNotSampled:AlwaysOffSampler,", remote)
+        and text.endswith(",localParentNotSampled:AlwaysOffSampler}")
+    )
+
+
+def unsampled(traceparent: str | None) -> bool:
+    """Whether ``traceparent`` is a valid version-00 header of an unsampled span."""
+    return (
+        traceparent is not None
+        and _TRACEPARENT.match(traceparent) is not None
+        and not int(traceparent[-2:], 16) & 1
+    )
 
 
 def _otlp_configured(endpoint: str) -> bool:

@@ -43,6 +43,7 @@ from orchestrator.telemetry import (
     extract_headers,
     traceparent_from_headers,
     traceparent_of,
+    unsampled,
 )
 from orchestrator.triggers import RuleSet, event_to_dict, key_of, render_params
 
@@ -218,14 +219,18 @@ class Ingestor:
             self._update_lag(consumer, batch)
 
     async def _process(self, consumer: AIOKafkaConsumer, records: Sequence[ConsumerRecord]) -> None:
-        recording = self._tel.recording
+        recording, skips = self._tel.recording, self._tel.skips_unsampled
         events: list[IncomingEvent] = []
         dead: list[DeadLetter] = []
         spans: list[trace.Span] = []
         for rec in records:
             headers = list(rec.headers or ())
-            span = self._span(rec, headers) if recording else trace.INVALID_SPAN
-            if recording:
+            traced, parent = recording, None
+            if traced and skips:  # a producer's unsampled span: no span to start under it
+                parent = traceparent_from_headers(headers)
+                traced = not unsampled(parent[0])
+            span = self._span(rec, headers) if traced else trace.INVALID_SPAN
+            if traced:
                 spans.append(span)
             try:
                 event = decode_record(
@@ -240,10 +245,13 @@ class Ingestor:
                     "dead-lettered %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, reason
                 )
                 continue
-            if recording:
+            if traced:
                 span.set_attribute("messaging.message.id", event.id)
                 span.set_attribute("orchestrator.dataset", event.data.dataset)
-            tp, ts = traceparent_of(span) if recording else traceparent_from_headers(headers)
+            if traced:
+                tp, ts = traceparent_of(span)
+            else:
+                tp, ts = parent if parent is not None else traceparent_from_headers(headers)
             view = event_to_dict(event)
             problem = self._contracts.check(event) if self._contracts else None
             if problem is not None:

@@ -121,7 +121,7 @@ class Attempts:
         self._events = tuple(spec.events)
         self._params = _frozen(spec.params)
         self._connectors = _frozen(spec.connectors)
-        self.quiet_span = _stand_in(runner.tracer, self.parent)
+        self.quiet_span = _stand_in(runner.skips_unsampled, self.parent)
         """The parent's span when it stands in for the attempts' spans (see
         :func:`_stand_in`): attempts then start no span, and it stays current."""
         backend = anyio.lowlevel.current_token().backend_class
@@ -393,19 +393,18 @@ def _frozen(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
     return MappingProxyType(dict(mapping)) if mapping else _EMPTY
 
 
-def _stand_in(tracer: trace.Tracer, parent: otel_context.Context) -> trace.Span | None:
-    """The span of ``parent`` when it can stand in for the spans ``tracer`` would start in
-    that context, else ``None``.
+def _stand_in(skips: bool, parent: otel_context.Context) -> trace.Span | None:
+    """The span of ``parent`` when it can stand in for the spans the runner's tracer would
+    start in that context, else ``None``.
 
-    It can when ``tracer`` records no span whatever the context (the API's no-op tracer, or
-    an SDK tracer whose sampler is ``ALWAYS_OFF``) and the parent span is valid, not
-    recording and not sampled: the spans started would then carry the same trace, the same
-    (unsampled) flags and trace state, and differ only in their span id.
+    It can when the tracer records no span under an unsampled parent (``skips``: the API's
+    no-op tracer, an SDK tracer whose sampler is ``ALWAYS_OFF``, or the SDK's parent-based
+    samplers; see :func:`~orchestrator.telemetry.skips_unsampled`) and the parent span is
+    valid, not recording and not sampled: the spans started would then carry the same
+    trace, the same (unsampled) flags and trace state, and differ only in their span id.
     """
-    if not isinstance(tracer, trace.NoOpTracer):
-        describe = getattr(getattr(tracer, "sampler", None), "get_description", None)
-        if not callable(describe) or describe() != "AlwaysOffSampler":
-            return None
+    if not skips:
+        return None
     span = trace.get_current_span(parent)
     context = span.get_span_context()
     if not context.is_valid or context.trace_flags.sampled or span.is_recording():

@@ -89,6 +89,7 @@ from orchestrator.pipeline.records import (
     StepStatus,
 )
 from orchestrator.pipeline.retry import RetryPolicy
+from orchestrator.telemetry import skips_unsampled
 
 __all__ = [
     "ATTR_ATTEMPT",
@@ -150,6 +151,8 @@ class Runner:
         ``cleanup_timeout`` bounds the shielded recording of cancelled attempts."""
         self.recorder = recorder
         self.tracer = tracer
+        self.skips_unsampled = skips_unsampled(tracer)
+        """Whether ``tracer`` records no span under an unsampled parent (decided once)."""
         self.default_timeout = default_timeout
         self.default_retry = default_retry or RetryPolicy()
         self.sleep = sleep

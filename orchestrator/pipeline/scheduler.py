@@ -52,6 +52,7 @@ from orchestrator.telemetry import (
     Telemetry,
     context_from_traceparent,
     span_context_from_traceparent,
+    unsampled,
 )
 
 __all__ = ["Scheduler"]
@@ -195,6 +196,7 @@ class Scheduler:
             default_retry=RetryPolicy(max_attempts=settings.default_retries + 1),
         )
         self._recording = telemetry.recording
+        self._skips_unsampled = telemetry.skips_unsampled
         self.completed = 0
         telemetry.instruments.observe_in_flight(self._in_flight_by_pipeline)
 
@@ -445,7 +447,9 @@ class Scheduler:
     async def _execute(self, inflight: _InFlight) -> None:
         run = inflight.run
         try:
-            if self._recording:
+            # A run of an unsampled trace gets the span a non-recording tracer would start,
+            # when the tracer would record nothing under it anyway.
+            if self._recording and not (self._skips_unsampled and unsampled(run.traceparent)):
                 await self._execute_traced(inflight)
             else:
                 span = _unrecorded_run_span(run)
@@ -582,7 +586,8 @@ _ids = RandomIdGenerator()
 
 
 def _unrecorded_run_span(run: ClaimedRun) -> trace.Span:
-    """The run span a tracer that never records would start (see ``Telemetry.recording``):
+    """The run span a tracer that never records would start (see ``Telemetry.recording``
+    and ``Telemetry.skips_unsampled``):
     in the triggering event's trace (a new one if it has none), with a span id of its own
     and the sampled flag cleared. Built directly; steps of the run use it as their span."""
     parent = span_context_from_traceparent(run.traceparent, run.tracestate)

@@ -87,6 +87,50 @@ async def test_without_an_exporter_runs_continue_the_producers_trace_context(
     assert ctx.trace_id == publish.context.trace_id  # the step runs in the producer's trace
 
 
+async def test_a_recording_daemon_starts_no_span_for_an_unsampled_producer(
+    kafka_bootstrap: str, topic: str, pg_dsn: str, pg_schema: PgSchema
+) -> None:
+    """With the SDK's default (parent-based) sampler, the spans of an unsampled producer's
+    trace would all be non-recording: the daemon starts none, carries the producer's
+    context along, and still records every span of a sampled producer's trace."""
+    seen: dict[int, trace.SpanContext] = {}
+    pipeline = Pipeline("gated")
+
+    @pipeline.step()
+    async def look(ctx: StepContext) -> None:
+        seen[ctx.run_id] = trace.get_current_span().get_span_context()
+
+    daemon = Traced()  # records, with the SDK's default sampler
+    assert daemon.telemetry.recording
+    assert daemon.telemetry.skips_unsampled
+    sampled_side = Traced()
+    unsampled_side = TracerProvider(sampler=ALWAYS_OFF)
+    settings = make_settings(kafka_bootstrap, topic, pg_dsn, pg_schema.name)
+    async with running_daemon(settings, {"gated": pipeline}, RULES, daemon):
+        async with open_producer(settings) as producer:
+            for tracer in (unsampled_side.get_tracer("p"), sampled_side.telemetry.tracer):
+                await publish_event(producer, topic, new_arrival("local.feed"), tracer)
+
+        async def done() -> bool:
+            n = await count(
+                pg_dsn, pg_schema.name, "SELECT count(*) AS n FROM runs WHERE status='succeeded'"
+            )
+            return n == 2
+
+        await wait_for(done, what="both runs to succeed")
+    (published,) = sampled_side.spans.get_finished_spans()
+    sampled_trace = published.context.trace_id
+    spans = daemon.spans.get_finished_spans()
+    assert sorted(s.name for s in spans) == sorted([f"{topic} process", "run gated", "step look"])
+    assert {s.context.trace_id for s in spans} == {sampled_trace}
+    runs = await fetch(pg_dsn, pg_schema.name, "SELECT id, traceparent FROM runs ORDER BY id")
+    (quiet_run,) = [r for r in runs if r["traceparent"].split("-")[1] != f"{sampled_trace:032x}"]
+    assert not int(quiet_run["traceparent"][-2:], 16) & 1  # the producer's own, unsampled
+    quiet_trace = int(quiet_run["traceparent"].split("-")[1], 16)
+    assert seen[quiet_run["id"]].trace_id == quiet_trace  # the step ran in the producer's trace
+    assert not seen[quiet_run["id"]].trace_flags.sampled
+
+
 async def test_intake_runs_are_leased_here_and_intake_waits_while_they_queue(
     kafka_bootstrap: str, topic: str, pg_dsn: str, pg_schema: PgSchema
 ) -> None:

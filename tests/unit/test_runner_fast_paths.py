@@ -328,3 +328,27 @@ async def test_a_step_timeout_waits_for_a_shielded_section_of_the_step(h: Harnes
     assert finished == ["shielded"]
     assert outcome.status == "failed"
     assert "did not finish within 0.01s" in (outcome.error or "")
+
+
+async def test_steps_under_an_unsampled_parent_start_no_span_of_a_parent_based_tracer(
+    h: Harness,
+) -> None:
+    """The SDK's default sampler records nothing under an unsampled parent: the steps use
+    the parent itself, as a tracer that never records does; a sampled parent still gets
+    its step spans."""
+    seen: dict[str, Any] = {}
+    unsampled_parent = trace.NonRecordingSpan(
+        trace.SpanContext(trace_id=5, span_id=6, is_remote=True, trace_flags=trace.TraceFlags(0))
+    )
+    with trace.use_span(unsampled_parent):
+        assert await h.run(_chain(seen)) == RunOutcome("succeeded")
+    for span, current, headers in seen.values():
+        assert span is unsampled_parent
+        assert current is unsampled_parent
+        assert dict(headers)["traceparent"] == f"00-{5:032x}-{6:016x}-00".encode()
+    assert h.spans() == []
+    seen.clear()
+    with h.tracer.start_as_current_span("run orders") as sampled_parent:
+        assert await h.run(_chain(seen)) == RunOutcome("succeeded")
+    assert all(span is not sampled_parent for span, _, _ in seen.values())
+    assert sorted(s.name for s in h.spans()) == ["run orders", "step first", "step second"]

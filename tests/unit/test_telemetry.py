@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
 
@@ -10,9 +12,11 @@ from orchestrator.telemetry import (
     extract_headers,
     inject_headers,
     records,
+    skips_unsampled,
     span_context_from_traceparent,
     traceparent_from_headers,
     traceparent_of,
+    unsampled,
 )
 
 
@@ -81,6 +85,41 @@ def test_records_is_false_only_when_spans_are_never_recorded() -> None:
     assert records(TracerProvider(sampler=TraceIdRatioBased(0.001)).get_tracer("t"))
     assert not records(TracerProvider(sampler=ALWAYS_OFF).get_tracer("t"))
     assert not records(trace.NoOpTracer())
+
+
+def test_skips_unsampled_only_for_samplers_that_never_record_under_unsampled_parents() -> None:
+    from opentelemetry.sdk.trace.sampling import (
+        ALWAYS_OFF,
+        ALWAYS_ON,
+        ParentBased,
+        TraceIdRatioBased,
+    )
+
+    def tracer(sampler: Any = None) -> trace.Tracer:
+        return TracerProvider(sampler=sampler).get_tracer("t")
+
+    assert skips_unsampled(tracer())  # the SDK's default: parentbased_always_on
+    assert skips_unsampled(tracer(ParentBased(TraceIdRatioBased(0.1))))
+    assert skips_unsampled(tracer(ALWAYS_OFF))
+    assert skips_unsampled(trace.NoOpTracer())
+    assert not skips_unsampled(tracer(ALWAYS_ON))
+    assert not skips_unsampled(tracer(TraceIdRatioBased(0.5)))
+    assert not skips_unsampled(tracer(ParentBased(ALWAYS_ON, remote_parent_not_sampled=ALWAYS_ON)))
+    assert not skips_unsampled(tracer(ParentBased(ALWAYS_ON, local_parent_not_sampled=ALWAYS_ON)))
+    # A parent-based root inside one that records unsampled parents: the outer one decides.
+    nested = ParentBased(ParentBased(ALWAYS_ON), remote_parent_not_sampled=ALWAYS_ON)
+    assert not skips_unsampled(tracer(nested))
+
+
+def test_unsampled_reads_the_flags_of_a_valid_traceparent() -> None:
+    ids = f"{1:032x}-{2:016x}"
+    assert unsampled(f"00-{ids}-00")
+    assert unsampled(f"00-{ids}-02")  # other flags, sampled bit clear
+    assert not unsampled(f"00-{ids}-01")
+    assert not unsampled(f"00-{ids}-03")
+    assert not unsampled(None)
+    assert not unsampled(f"00-{0:032x}-{2:016x}-00")  # invalid: all-zero trace id
+    assert not unsampled("garbage-00")
 
 
 def test_traceparent_from_headers_keeps_the_producers_context() -> None:
