@@ -194,30 +194,39 @@ class OutcomeWriter:
         """Write each run's rows in a write of its own, so that rows Postgres refuses hold
         up no other run. A refused run's rows are dropped (logged with the reason), and its
         outcome, if one was queued, is recorded as failed with that reason."""
-        runs = {a.run_id for a in attempts} | set(finishes) | releases
-        runs |= {o.run_id for o in outbox}
+        by_run: dict[int, tuple[list[AttemptWrite], list[OutboxWrite]]] = {
+            run_id: ([], []) for run_id in [*finishes, *releases]
+        }
+        for a in attempts:
+            by_run.setdefault(a.run_id, ([], []))[0].append(a)
+        for o in outbox:
+            by_run.setdefault(o.run_id, ([], []))[1].append(o)
         lost: set[int] = set()
         recorded: set[int] = set()
-        for run_id in sorted(runs):
-            mine = [a for a in attempts if a.run_id == run_id]
+        for run_id, (mine, events) in sorted(by_run.items()):
             finish = {run_id: finishes[run_id]} if run_id in finishes else {}
-            release = {run_id} & releases
-            events = [o for o in outbox if o.run_id == run_id]
-            reason = None
             try:
-                one_lost, one_recorded = await self._write(mine, finish, release, events)
+                one_lost, one_recorded = await self._write(
+                    mine, finish, {run_id} & releases, events
+                )
             except StoreRejected as exc:
-                reason, one_lost, one_recorded = str(exc), set(), set()
-            if reason is not None:
-                log.error("run %d: Postgres rejected its rows, dropped: %s", run_id, reason)
-                if finish:
-                    error = f"Postgres rejected the run's step attempts: {reason}"
-                    failed = RunFinish(run_id=run_id, status="failed", error=error[:4000])
-                    finishes[run_id] = failed
-                    try:
-                        one_lost, one_recorded = await self._write([], {run_id: failed}, set(), [])
-                    except StoreRejected as again:  # its lease expires; another claim retries
-                        log.warning("run %d: its failure could not be recorded: %s", run_id, again)
+                one_lost, one_recorded = await self._record_refused(run_id, finishes, str(exc))
             lost |= one_lost
             recorded |= one_recorded
         return lost, recorded
+
+    async def _record_refused(
+        self, run_id: int, finishes: dict[int, RunFinish], reason: str
+    ) -> tuple[set[int], set[int]]:
+        """Log that a run's rows were refused, dropped; record the run as failed if its
+        outcome was queued (``finishes`` then holds the failed outcome instead)."""
+        log.error("run %d: Postgres rejected its rows, dropped: %s", run_id, reason)
+        if run_id not in finishes:
+            return set(), set()
+        error = f"Postgres rejected the run's step attempts: {reason}"
+        failed = finishes[run_id] = RunFinish(run_id=run_id, status="failed", error=error[:4000])
+        try:
+            return await self._write([], {run_id: failed}, set(), [])
+        except StoreRejected as again:  # its lease expires; another claim retries
+            log.warning("run %d: its failure could not be recorded: %s", run_id, again)
+            return set(), set()
