@@ -4,6 +4,8 @@ start. Also: without an exporter, the producer's trace context is carried as is.
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 import pytest
 from opentelemetry import trace
@@ -232,6 +234,26 @@ async def test_a_stopping_daemon_returns_runs_it_did_not_start(
         await wait_for(all_done, within=60, what="the second daemon to finish every run")
 
 
+async def _attempt_of_a_failing_run(
+    kafka_bootstrap: str, topic: str, pg_dsn: str, schema: str, pipeline: Pipeline
+) -> Any:
+    """Publish one event to a daemon running ``pipeline`` (one step), wait until its run
+    has failed, and return the step's only attempt row (status, error)."""
+    settings = make_settings(kafka_bootstrap, topic, pg_dsn, schema)
+    async with running_daemon(settings, {"gated": pipeline}, RULES, Traced()):
+        async with open_producer(settings) as producer:
+            await publish_event(producer, topic, new_arrival("local.feed"), TRACER)
+
+        async def failed() -> int:
+            return await count(
+                pg_dsn, schema, "SELECT count(*) AS n FROM runs WHERE status='failed'"
+            )
+
+        await wait_for(failed, within=20, what="the run to fail with its error recorded")
+    (attempt,) = await fetch(pg_dsn, schema, "SELECT status, error FROM step_attempts")
+    return attempt
+
+
 async def test_a_step_error_with_a_nul_character_is_recorded(
     kafka_bootstrap: str, topic: str, pg_dsn: str, pg_schema: PgSchema
 ) -> None:
@@ -241,18 +263,9 @@ async def test_a_step_error_with_a_nul_character_is_recorded(
     async def fail(ctx: StepContext) -> None:
         raise RuntimeError("bad\x00byte")  # Postgres text cannot hold NUL
 
-    settings = make_settings(kafka_bootstrap, topic, pg_dsn, pg_schema.name)
-    async with running_daemon(settings, {"gated": pipeline}, RULES, Traced()):
-        async with open_producer(settings) as producer:
-            await publish_event(producer, topic, new_arrival("local.feed"), TRACER)
-
-        async def failed() -> int:
-            return await count(
-                pg_dsn, pg_schema.name, "SELECT count(*) AS n FROM runs WHERE status='failed'"
-            )
-
-        await wait_for(failed, what="the run to fail with its error recorded")
-    (attempt,) = await fetch(pg_dsn, pg_schema.name, "SELECT status, error FROM step_attempts")
+    attempt = await _attempt_of_a_failing_run(
+        kafka_bootstrap, topic, pg_dsn, pg_schema.name, pipeline
+    )
     assert attempt["status"] == "failed"
     assert "RuntimeError: bad\ufffdbyte" in attempt["error"]
 
@@ -266,18 +279,9 @@ async def test_a_step_output_postgres_cannot_store_fails_the_step_with_a_clear_e
     async def nul(ctx: StepContext) -> str:
         return "a\x00b"  # JSON "\u0000": jsonb cannot hold it
 
-    settings = make_settings(kafka_bootstrap, topic, pg_dsn, pg_schema.name)
-    async with running_daemon(settings, {"gated": pipeline}, RULES, Traced()):
-        async with open_producer(settings) as producer:
-            await publish_event(producer, topic, new_arrival("local.feed"), TRACER)
-
-        async def failed() -> int:
-            return await count(
-                pg_dsn, pg_schema.name, "SELECT count(*) AS n FROM runs WHERE status='failed'"
-            )
-
-        # It used to be refused by Postgres with the rows written with it, again and again.
-        await wait_for(failed, within=20, what="the run to fail with its error recorded")
-    (attempt,) = await fetch(pg_dsn, pg_schema.name, "SELECT status, error FROM step_attempts")
+    # It used to be refused by Postgres with the rows written with it, again and again.
+    attempt = await _attempt_of_a_failing_run(
+        kafka_bootstrap, topic, pg_dsn, pg_schema.name, pipeline
+    )
     assert attempt["status"] == "failed"
     assert "returned a string with a NUL character" in attempt["error"]
