@@ -284,6 +284,44 @@ async def test_hot_path_tables_carry_only_the_indexes_their_queries_use(
     assert ("runs", "runs_pending_idx") in indexes  # claims still have theirs
 
 
+async def test_deleting_runs_deletes_their_attempts_without_a_check_per_attempt(
+    pg_dsn: str, pg_schema: PgSchema
+) -> None:
+    # Attempts carry no foreign key (its check cost a lookup and a lock per attempt written);
+    # deleting runs, from any search_path, still deletes their attempts and only theirs.
+    schema = pg_schema.name
+    async with Store.open(pg_dsn, schema=schema, min_size=1, max_size=2) as store:
+        await store.migrate()
+        async with store.pool.acquire() as conn:
+            ids = [
+                await conn.fetchval(
+                    "INSERT INTO runs (rule, trigger_key, pipeline, event_ids)"
+                    " VALUES ('r', $1, 'p', '{}') RETURNING id",
+                    key,
+                )
+                for key in ("k1", "k2", "k3")
+            ]
+            await conn.execute(
+                "INSERT INTO step_attempts (run_id, step, attempt, status, started_at)"
+                " SELECT id, s, 1, 'succeeded', now()"
+                " FROM unnest($1::bigint[]) AS id, unnest(ARRAY['a', 'b']) AS s",
+                ids,
+            )
+            row_checks = await conn.fetchval(
+                "SELECT count(*) FROM pg_constraint WHERE conrelid = $1::regclass"
+                " AND contype = 'f'",
+                f'"{schema}".step_attempts',
+            )
+            await conn.execute("SET search_path TO public")
+            await conn.execute(f'DELETE FROM "{schema}".runs WHERE id = ANY($1)', ids[:2])
+            left = await conn.fetch(
+                f'SELECT run_id, step FROM "{schema}".step_attempts ORDER BY run_id, step'
+            )
+            await conn.execute(f'SET search_path TO "{schema}"')
+    assert row_checks == 0
+    assert [(r["run_id"], r["step"]) for r in left] == [(ids[2], "a"), (ids[2], "b")]
+
+
 async def test_dead_letter_redrive_after_raising_the_size_limit(
     kafka_bootstrap: str, topic: str, pg_dsn: str, pg_schema: PgSchema, tmp_path: Path
 ) -> None:
