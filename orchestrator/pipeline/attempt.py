@@ -8,6 +8,8 @@ when the run timed out), then the cancellation propagates.
 
 An attempt whose timeout would end after the run's own deadline gets no cancel scope of its
 own: the run's fires first, and the attempt is recorded ``failed`` for the run's timeout.
+Nor does a step whose function never waits (no ``await``, ``async with`` or ``async for``;
+:mod:`orchestrator.pipeline.suspension`): nothing could interrupt it.
 """
 
 from __future__ import annotations
@@ -294,8 +296,8 @@ class Attempts:
 
     async def _call(self, step: Step, label: str, ctx: StepContext, call: Call) -> Any:
         timeout = step.timeout if step.timeout is not None else self.runner.default_timeout
-        if timeout is None or math.isinf(timeout):
-            return await call(ctx)
+        if timeout is None or math.isinf(timeout) or step.never_waits:
+            return await call(ctx)  # nothing to time out, or nothing a timeout could stop
         deadline = self._now() + timeout
         if self.deadline < deadline:  # the run's own scope fires first: the attempt's is moot
             return await call(ctx)

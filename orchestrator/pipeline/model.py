@@ -26,6 +26,7 @@ import msgspec
 from orchestrator.errors import PipelineError
 from orchestrator.pipeline import dataflow
 from orchestrator.pipeline.retry import RetryPolicy
+from orchestrator.pipeline.suspension import never_waits
 
 __all__ = ["DEFAULT_MAP_CONCURRENCY", "Pipeline", "Plan", "SkipCondition", "Step", "StepFunction"]
 
@@ -71,6 +72,9 @@ class Step:
     """Parameters of ``skip_if`` after the context; each receives the output it names."""
     produces: str | None = None
     """Dataset this step produces: on success an arrival event for it is published."""
+    never_waits: bool = False
+    """Its function has no ``await``, ``async with`` or ``async for``: it cannot be
+    interrupted, and runs without a timeout scope (see :mod:`.suspension`)."""
 
 
 def _empty() -> Mapping[str, Any]:
@@ -297,6 +301,7 @@ class Pipeline:
             skip_if=skip_if,
             skip_inputs=skip_inputs,
             produces=_dataset(produces, where),
+            never_waits=never_waits(fn),
         )
         self._steps[step_name] = step
         self._names_by_fn[fn] = None if fn in self._names_by_fn else step_name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -501,3 +502,57 @@ def test_pipeline_timeout_and_max_concurrent_runs() -> None:
 def test_context_map_index_defaults_to_none() -> None:
     assert ctx_for("load").map_index is None
     assert ctx_for("load[3]", map_index=3).map_index == 3
+
+
+def test_steps_that_never_wait_are_told_apart_conservatively() -> None:
+    import functools
+
+    from orchestrator.pipeline.suspension import never_waits
+
+    async def pure(ctx: StepContext) -> int:
+        return 1
+
+    async def sleeps(ctx: StepContext) -> None:
+        await asyncio.sleep(0)
+
+    async def enters(ctx: StepContext, lock: asyncio.Lock) -> None:
+        async with lock:
+            pass
+
+    async def iterates(ctx: StepContext, rows: Any) -> list[Any]:
+        return [r async for r in rows]
+
+    async def spawns(ctx: StepContext) -> int:
+        async def inner() -> int:
+            return 1
+
+        inner().close()  # a nested coroutine's awaits are its own
+        return 1
+
+    @functools.wraps(pure)
+    async def wrapped(ctx: StepContext) -> int:
+        return await pure(ctx)
+
+    class Steps:
+        async def method(self, ctx: StepContext) -> int:
+            return 1
+
+        async def __call__(self, ctx: StepContext) -> int:
+            return 1
+
+    assert never_waits(pure)
+    assert never_waits(spawns)
+    assert never_waits(Steps().method)
+    assert not never_waits(sleeps)
+    assert not never_waits(enters)
+    assert not never_waits(iterates)
+    assert not never_waits(wrapped)  # what is called is the wrapper, which awaits
+    assert not never_waits(Steps())  # not a function: assumed to wait
+    assert not never_waits(functools.partial(pure))
+    assert not never_waits(lambda ctx: pure(ctx))  # noqa: PLW0108 - a plain function returning an awaitable
+
+    p = Pipeline("p")
+    p.step(pure)
+    p.step(sleeps, name="sleeps")
+    assert p.steps["pure"].never_waits
+    assert not p.steps["sleeps"].never_waits

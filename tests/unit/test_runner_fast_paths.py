@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace import TracerProvider, sampling
 
 from orchestrator.errors import StoreError
 from orchestrator.pipeline import Pipeline, RunOutcome, StepContext
+from orchestrator.pipeline.deadlines import Deadlines
 from orchestrator.telemetry import inject_headers
 from tests.unit.test_runner import Harness
 
@@ -240,6 +241,59 @@ async def test_finished_attempts_leave_no_deadline_behind(h: Harness) -> None:
     deadlines = h.runner.deadlines()
     assert deadlines is not None
     assert len(deadlines) == 0
+
+
+async def test_only_steps_that_can_wait_get_a_timeout_scope(
+    h: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A step without await, async with or async for cannot be interrupted: a timeout scope
+    # around it would only cost its creation, entry and exit.
+    noted: list[float] = []
+    add = Deadlines.add
+
+    def noting(self: Deadlines, scope: anyio.CancelScope, deadline: float) -> int:
+        noted.append(deadline)
+        return add(self, scope, deadline)
+
+    monkeypatch.setattr(Deadlines, "add", noting)
+    p = Pipeline("orders")
+
+    @p.step(timeout=30)
+    async def pure(ctx: StepContext) -> int:
+        return 1
+
+    @p.step(timeout=30)
+    async def waits(ctx: StepContext, pure: int) -> int:
+        await anyio.sleep(0.001)
+        return pure + 1
+
+    @p.step(timeout=30)
+    async def last(ctx: StepContext, waits: int) -> int:
+        return waits + 1
+
+    outcome = await h.run(p)
+    assert outcome.status == "succeeded"
+    assert {n: s.never_waits for n, s in p.steps.items()} == {
+        "pure": True,
+        "waits": False,
+        "last": True,
+    }
+    assert len(noted) == 1  # the attempt of `waits`
+    assert h.recorder.statuses() == {n: ["succeeded"] for n in ("pure", "waits", "last")}
+
+
+async def test_a_step_that_cannot_wait_runs_to_its_end_past_its_timeout(h: Harness) -> None:
+    # Nothing interrupts a step that never waits, with or without a scope: it succeeds.
+    p = Pipeline("orders")
+
+    @p.step(timeout=0.01, retry=1)
+    async def busy(ctx: StepContext) -> str:
+        time.sleep(0.03)  # noqa: ASYNC251 - past its timeout, without ever waiting
+        return "done"
+
+    outcome = await h.run(p)
+    assert outcome.status == "succeeded"
+    assert h.recorder.statuses() == {"busy": ["succeeded"]}
 
 
 async def test_off_asyncio_a_step_timeout_is_its_scope_deadline(
