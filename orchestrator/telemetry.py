@@ -144,6 +144,8 @@ class Instruments:
     """The daemon's OTel metrics. Create once per meter."""
 
     def __init__(self, meter: metrics.Meter) -> None:
+        self.measuring = measures(meter)
+        """Whether anything recorded is kept; per-run measurements are skipped if not."""
         self.events_consumed = meter.create_counter(
             "orchestrator.events.consumed", unit="{event}", description="Arrival events accepted"
         )
@@ -247,6 +249,12 @@ def records(tracer: trace.Tracer) -> bool:
     sampler = getattr(tracer, "sampler", None)
     describe = getattr(sampler, "get_description", None)
     return not (callable(describe) and describe() == "AlwaysOffSampler")
+
+
+def measures(meter: metrics.Meter) -> bool:
+    """False when what ``meter``'s instruments record is certainly dropped: the API's no-op
+    meter, what :func:`install` sets up without a metrics exporter."""
+    return not isinstance(meter, metrics.NoOpMeter)
 
 
 def skips_unsampled(tracer: trace.Tracer) -> bool:

@@ -382,6 +382,8 @@ class Attempts:
 
     def observe(self, step: str, status: StepStatus, t0: float) -> None:
         """Record the duration; ``step`` is the declared name (never an item's ``load[3]``)."""
+        if not self.runner.measures:
+            return
         key = (self.pipeline, step, status)
         attrs = _DURATION_ATTRIBUTES.get(key)
         if attrs is None:

@@ -89,7 +89,7 @@ from orchestrator.pipeline.records import (
     StepStatus,
 )
 from orchestrator.pipeline.retry import RetryPolicy
-from orchestrator.telemetry import skips_unsampled
+from orchestrator.telemetry import measures, skips_unsampled
 
 __all__ = [
     "ATTR_ATTEMPT",
@@ -161,6 +161,8 @@ class Runner:
         self.duration = meter.create_histogram(
             STEP_DURATION, unit="s", description="Duration of one step attempt"
         )
+        self.measures = measures(meter)
+        """Whether durations are kept (not by the API's no-op meter): else none is taken."""
         self._deadlines: Deadlines | None = None
 
     def deadlines(self) -> Deadlines | None:

@@ -87,7 +87,11 @@ class _StoreRecorder:
         self, run_id: int, step: str, attempt: int, started_at: datetime
     ) -> None:
         inflight = self._s._inflight.get(run_id)
-        if inflight is not None and not inflight.first_step_seen:
+        if (
+            inflight is not None
+            and not inflight.first_step_seen
+            and self._s._tel.instruments.measuring
+        ):
             inflight.first_step_seen = True
             first = inflight.run.first_event_at
             if first is not None:

@@ -14,11 +14,11 @@ from typing import Any
 
 import anyio
 import pytest
-from opentelemetry import trace
+from opentelemetry import metrics, trace
 from opentelemetry.sdk.trace import TracerProvider, sampling
 
 from orchestrator.errors import StoreError
-from orchestrator.pipeline import Pipeline, RunOutcome, StepContext
+from orchestrator.pipeline import Pipeline, Runner, RunOutcome, StepContext
 from orchestrator.pipeline.deadlines import Deadlines
 from orchestrator.telemetry import inject_headers
 from tests.unit.test_runner import Harness
@@ -294,6 +294,34 @@ async def test_a_step_that_cannot_wait_runs_to_its_end_past_its_timeout(h: Harne
     outcome = await h.run(p)
     assert outcome.status == "succeeded"
     assert h.recorder.statuses() == {"busy": ["succeeded"]}
+
+
+async def test_no_duration_is_taken_for_a_meter_that_keeps_nothing(h: Harness) -> None:
+    # The API's no-op meter (the daemon's without a metrics exporter) drops every value:
+    # attempts then take no duration at all. An SDK meter still gets one per attempt.
+    recorded: list[float] = []
+
+    class Spy(metrics.NoOpHistogram):
+        def record(self, amount: float, *args: Any, **kwargs: Any) -> None:
+            recorded.append(amount)
+
+    class NoOp(metrics.NoOpMeter):
+        def create_histogram(self, *args: Any, **kwargs: Any) -> metrics.Histogram:
+            return Spy("spy")
+
+    p = Pipeline("orders")
+
+    @p.step
+    async def first(ctx: StepContext) -> int:
+        return 1
+
+    measured = h.runner
+    assert measured.measures
+    h.runner = Runner(h.recorder, tracer=h.tracer, meter=NoOp("noop"), sleep=h.sleep)
+    assert not h.runner.measures
+    await h.run(p)
+    assert recorded == []
+    assert h.recorder.statuses() == {"first": ["succeeded"]}
 
 
 async def test_off_asyncio_a_step_timeout_is_its_scope_deadline(

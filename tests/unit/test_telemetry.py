@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from opentelemetry import trace
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 
 from orchestrator.telemetry import (
+    Instruments,
     context_from_traceparent,
     extract_headers,
     inject_headers,
+    measures,
     records,
     skips_unsampled,
     span_context_from_traceparent,
@@ -193,3 +197,19 @@ def test_span_context_from_traceparent_matches_the_context() -> None:
     ]:
         want = trace.get_current_span(context_from_traceparent(value, state)).get_span_context()
         assert span_context_from_traceparent(value, state) == want, value
+
+
+def test_only_the_no_op_meter_counts_as_keeping_nothing() -> None:
+    # Without a metrics exporter the daemon's meter is the API's no-op one, and per-run
+    # measurements (step durations, event-to-step latency) are skipped.
+    noop = metrics.NoOpMeterProvider().get_meter("orchestrator")
+    provider = MeterProvider(metric_readers=[InMemoryMetricReader()])
+    try:
+        sdk = provider.get_meter("orchestrator")
+        assert not measures(noop)
+        assert not Instruments(noop).measuring
+        assert measures(sdk)
+        assert Instruments(sdk).measuring
+        assert measures(metrics.get_meter("orchestrator"))  # a proxy may become real later
+    finally:
+        provider.shutdown()
