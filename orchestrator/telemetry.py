@@ -130,6 +130,14 @@ def span_context_from_traceparent(
     ).get_span_context()
 
 
+def trace_id_and_flags(traceparent: str | None) -> tuple[int, int] | None:
+    """The trace id and flags of a version-00 ``traceparent``, read directly; ``None`` for
+    no header or any other form (read those with :func:`span_context_from_traceparent`)."""
+    if traceparent is None or not _TRACEPARENT.match(traceparent):
+        return None
+    return int(traceparent[3:35], 16), int(traceparent[53:55], 16)
+
+
 def _parse(traceparent: str) -> trace.SpanContext:
     """A version-00 ``traceparent`` that matched ``_TRACEPARENT``."""
     return trace.SpanContext(

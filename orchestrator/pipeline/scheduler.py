@@ -52,6 +52,7 @@ from orchestrator.telemetry import (
     Telemetry,
     context_from_traceparent,
     span_context_from_traceparent,
+    trace_id_and_flags,
     unsampled,
 )
 
@@ -594,18 +595,23 @@ def _unrecorded_run_span(run: ClaimedRun) -> trace.Span:
     and ``Telemetry.skips_unsampled``):
     in the triggering event's trace (a new one if it has none), with a span id of its own
     and the sampled flag cleared. Built directly; steps of the run use it as their span."""
-    parent = span_context_from_traceparent(run.traceparent, run.tracestate)
-    if parent.is_valid:
-        trace_id, flags = parent.trace_id, int(parent.trace_flags) & ~trace.TraceFlags.SAMPLED
+    common = None if run.tracestate else trace_id_and_flags(run.traceparent)
+    state: trace.TraceState | None = None
+    if common is not None:  # read directly: no parent span context to build
+        trace_id, flags = common
     else:
-        trace_id, flags = _ids.generate_trace_id(), trace.TraceFlags.DEFAULT
+        parent = span_context_from_traceparent(run.traceparent, run.tracestate)
+        trace_id, flags = parent.trace_id, int(parent.trace_flags)
+        state = parent.trace_state
+        if not parent.is_valid:
+            trace_id, flags = _ids.generate_trace_id(), trace.TraceFlags.DEFAULT
     return trace.NonRecordingSpan(
         trace.SpanContext(
             trace_id=trace_id,
             span_id=_ids.generate_span_id(),
             is_remote=False,
-            trace_flags=trace.TraceFlags(flags),
-            trace_state=parent.trace_state,
+            trace_flags=trace.TraceFlags(flags & ~trace.TraceFlags.SAMPLED),
+            trace_state=state,
         )
     )
 

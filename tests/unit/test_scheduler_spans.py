@@ -34,8 +34,12 @@ def test_continues_the_events_trace_unsampled_with_a_span_id_of_its_own() -> Non
     assert ctx.span_id != 0xB7AD6B7169203331
     assert int(ctx.trace_flags) == 0x02  # sampled cleared, the random-id flag kept
     assert dict(ctx.trace_state) == {"vendor": "1"}
-    other = _unrecorded_run_span(claimed(producer)).get_span_context()
+    other = _unrecorded_run_span(claimed(producer)).get_span_context()  # no trace state
     assert other.span_id != ctx.span_id
+    assert other.trace_id == ctx.trace_id
+    assert int(other.trace_flags) == 0x02
+    assert dict(other.trace_state) == {}
+    assert not other.is_remote
 
 
 def test_a_run_without_a_trace_gets_a_new_unsampled_one() -> None:

@@ -18,6 +18,7 @@ from orchestrator.telemetry import (
     records,
     skips_unsampled,
     span_context_from_traceparent,
+    trace_id_and_flags,
     traceparent_from_headers,
     traceparent_of,
     unsampled,
@@ -213,3 +214,12 @@ def test_only_the_no_op_meter_counts_as_keeping_nothing() -> None:
         assert measures(metrics.get_meter("orchestrator"))  # a proxy may become real later
     finally:
         provider.shutdown()
+
+
+def test_trace_id_and_flags_are_read_from_the_common_traceparent_only() -> None:
+    tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    assert trace_id_and_flags(tp) == (0x0AF7651916CD43DD8448EB211C80319C, 1)
+    assert trace_id_and_flags(tp[:-2] + "00") == (0x0AF7651916CD43DD8448EB211C80319C, 0)
+    assert trace_id_and_flags(None) is None
+    assert trace_id_and_flags("01-" + tp[3:]) is None  # another version: the propagator's
+    assert trace_id_and_flags("00-" + "0" * 32 + tp[35:]) is None  # an invalid trace id
