@@ -187,7 +187,11 @@ class Runner:
         Raises :class:`~orchestrator.errors.PipelineError` for an invalid pipeline, whatever
         the recorder raised, or the cancellation.
         """
-        return await _Execution(self, spec, spec.pipeline.plan(), cancel_status).run()
+        execution = _Execution(self, spec, spec.pipeline.plan(), cancel_status)
+        try:
+            return await execution.run()
+        finally:
+            execution.close()
 
 
 class _Execution:
@@ -219,6 +223,13 @@ class _Execution:
         )
         self._tg: anyio.abc.TaskGroup | None = None
         self._scope: anyio.CancelScope | None = None
+
+    def close(self) -> None:
+        """Forget :attr:`attempts`, which calls back into this execution: without that
+        reference cycle both are freed as the run returns, by reference counting, instead
+        of by the cyclic garbage collector (whose passes over every run's objects cost the
+        daemon a tenth of its CPU)."""
+        del self.attempts
 
     def _where(self, step: str) -> str:
         return self.attempts.where(step)
