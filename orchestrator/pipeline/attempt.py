@@ -38,6 +38,7 @@ from orchestrator.pipeline.model import Step
 from orchestrator.pipeline.records import RunSpec, StepRecord, StepStatus
 
 if TYPE_CHECKING:
+    from orchestrator.pipeline.deadlines import Deadlines
     from orchestrator.pipeline.runner import Runner
 
 __all__ = [
@@ -100,6 +101,18 @@ class Failed:
     error: str
 
 
+@dataclass(frozen=True, slots=True)
+class _Timing:
+    """What attempts' timeouts need from the running event loop."""
+
+    now: Callable[[], float]
+    """``anyio.current_time`` of the running backend."""
+    cancel_scope: Callable[..., anyio.CancelScope]
+    """``anyio.CancelScope`` of the running backend, without looking it up at each call."""
+    deadlines: Deadlines | None
+    """Shared step deadlines (:meth:`Runner.deadlines`); ``None`` off asyncio."""
+
+
 class Attempts:
     """Runs and records the attempts of one execution of a run."""
 
@@ -126,14 +139,11 @@ class Attempts:
         self.quiet_span = _stand_in(runner.skips_unsampled, self.parent)
         """The parent's span when it stands in for the attempts' spans (see
         :func:`_stand_in`): attempts then start no span, and it stays current."""
-        backend = anyio.lowlevel.current_token().backend_class
-        self._now = backend.current_time
-        self._cancel_scope = backend.create_cancel_scope
-        """``anyio.current_time`` and ``anyio.CancelScope`` of the running backend, without
-        looking the backend up at each call."""
         self.deadline = math.inf
         """The run's deadline (``anyio.current_time()`` clock), set once its scope exists."""
-        self._deadlines = runner.deadlines()
+        self._timing: _Timing | None = None
+        """Looked up by the first attempt with a timeout scope (a run whose steps never
+        wait needs none)."""
 
     def where(self, label: str) -> str:
         return f"run {self.spec.run_id} pipeline {self.pipeline!r} step {label!r}"
@@ -298,15 +308,16 @@ class Attempts:
         timeout = step.timeout if step.timeout is not None else self.runner.default_timeout
         if timeout is None or math.isinf(timeout) or step.never_waits:
             return await call(ctx)  # nothing to time out, or nothing a timeout could stop
-        deadline = self._now() + timeout
+        timing = self._timing or self._time()
+        deadline = timing.now() + timeout
         if self.deadline < deadline:  # the run's own scope fires first: the attempt's is moot
             return await call(ctx)
-        deadlines = self._deadlines
+        deadlines = timing.deadlines
         if deadlines is None:
-            with self._cancel_scope(deadline=deadline):
+            with timing.cancel_scope(deadline=deadline):
                 return await call(ctx)
         else:
-            scope = self._cancel_scope()
+            scope = timing.cancel_scope()
             key = deadlines.add(scope, deadline)
             try:
                 with scope:
@@ -315,6 +326,13 @@ class Attempts:
                 deadlines.discard(scope, key)
         # Only its deadline cancels this scope, and the scope swallowed that cancellation.
         raise TimeoutError(f"step {label!r} did not finish within {timeout:g}s")
+
+    def _time(self) -> _Timing:
+        backend = anyio.lowlevel.current_token().backend_class
+        self._timing = _Timing(
+            backend.current_time, backend.create_cancel_scope, self.runner.deadlines()
+        )
+        return self._timing
 
     def record(
         self,

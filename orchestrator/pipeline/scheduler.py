@@ -131,7 +131,8 @@ class _StoreRecorder:
                 announcement(inflight.run, record.step, arrival, f"emit/{i}", topic)
             )
         pipeline = self._s._pipelines.get(inflight.run.pipeline)
-        step = pipeline.steps.get(record.step) if pipeline else None
+        # The plan's steps: ``Pipeline.steps`` makes a read-only view at each call.
+        step = pipeline.plan().steps.get(record.step) if pipeline else None
         if step is not None and step.produces:
             self._s.writer.add_outbox(produced_event(inflight.run, record, step.produces, topic))
 
