@@ -88,15 +88,13 @@ Call = Callable[[StepContext], Awaitable[Any]]
 """Calls the step function with the context and its prepared inputs."""
 
 
-@dataclass(frozen=True, slots=True)
-class Succeeded:
+class Succeeded(msgspec.Struct, frozen=True):
     value: Any
     output: bytes
     """``value`` as JSON, as recorded."""
 
 
-@dataclass(frozen=True, slots=True)
-class Failed:
+class Failed(msgspec.Struct, frozen=True):
     exc: Exception
     error: str
 
