@@ -25,7 +25,6 @@ import argparse
 import os
 import platform
 import random
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -37,7 +36,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import msgspec
 
-from bench.report import write_stamped
+from bench.report import git_commit, write_stamped
 from orchestrator.events import CloudEvent, new_arrival
 from orchestrator.triggers import Rule, RuleSet, event_to_dict
 
@@ -172,20 +171,6 @@ def measure(n_rules: int) -> dict[str, Any]:
     }
 
 
-def _git_commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return out.stdout.strip()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
@@ -211,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "benchmark": "matcher",
         "date": now.isoformat(timespec="seconds"),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
         "python": platform.python_version(),

@@ -19,7 +19,6 @@ import argparse
 import gc
 import os
 import platform
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -34,7 +33,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.trace import TracerProvider, sampling
 
-from bench.report import write_stamped
+from bench.report import git_commit, write_stamped
 from orchestrator.events import new_arrival
 from orchestrator.pipeline import Pipeline, Runner, RunSpec, StepContext, StepRecord
 
@@ -149,16 +148,6 @@ async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     return figures
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        )
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return out.stdout.strip()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.runner", description=__doc__)
     parser.add_argument("--runs", type=int, default=20_000, help="runs per measurement")
@@ -174,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "benchmark": "runner",
         "date": now.isoformat(timespec="seconds"),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
         "cpu_count": os.cpu_count(),
         "machine": platform.machine(),
         "python": platform.python_version(),
