@@ -262,22 +262,32 @@ class Ingestor:
                 log.warning(
                     "quarantined %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, reason
                 )
+            # Lists built by comprehension, then frozen: cheaper than tuple(generator).
             requests = tuple(
-                RunRequest(
-                    rule=rule.name,
-                    pipeline=rule.pipeline,
-                    trigger_key=f"event:{event.source}#{event.id}",
-                    priority=rule.priority,
-                    params=_params(rule.params, view, problem),
-                    flow_key=key_of(rule, view) if rule.name in self._plan.specs else None,
-                )
-                for rule in self._rules.match(view)
-                if problem is None or rule.contract == "flag"
+                [
+                    RunRequest(
+                        rule=rule.name,
+                        pipeline=rule.pipeline,
+                        trigger_key=f"event:{event.source}#{event.id}",
+                        priority=rule.priority,
+                        params=_params(rule.params, view, problem),
+                        flow_key=key_of(rule, view) if rule.name in self._plan.specs else None,
+                    )
+                    for rule in self._rules.match(view)
+                    if problem is None or rule.contract == "flag"
+                ]
             )
-            correlations = tuple(
-                (corr.rule.name, key, tuple(conditions))
-                for corr, key, conditions in self._rules.correlate(view)
-                if problem is None or corr.rule.contract == "flag"
+            correlated = self._rules.correlate(view)
+            correlations = (
+                tuple(
+                    [
+                        (corr.rule.name, key, tuple(conditions))
+                        for corr, key, conditions in correlated
+                        if problem is None or corr.rule.contract == "flag"
+                    ]
+                )
+                if correlated
+                else ()
             )
             events.append(
                 IncomingEvent(
@@ -421,10 +431,15 @@ class Ingestor:
 
     def _note(self, records: Sequence[ConsumerRecord]) -> None:
         """These records are durable in Postgres: their offsets may be committed."""
-        pending = self._pending_offsets
+        last: dict[tuple[str, int], int] = {}  # plain tuples per record: cheaper to make
         for rec in records:
-            tp = TopicPartition(rec.topic, rec.partition)
-            pending[tp] = max(pending.get(tp, 0), rec.offset + 1)
+            key = (rec.topic, rec.partition)
+            if last.get(key, -1) < rec.offset:
+                last[key] = rec.offset
+        pending = self._pending_offsets
+        for (topic, partition), offset in last.items():
+            tp = TopicPartition(topic, partition)
+            pending[tp] = max(pending.get(tp, 0), offset + 1)
         self._commit_due.set()
 
     async def _committer(self, consumer: AIOKafkaConsumer) -> None:
@@ -490,8 +505,9 @@ _json = msgspec.json.Encoder()
 
 def _envelope(rec: ConsumerRecord, headers: list[tuple[str, bytes]], event: Any) -> bytes:
     # Structured records are stored as received (extensions kept); binary ones re-encoded.
-    if any(k.startswith("ce_") for k, _ in headers):
-        return _json.encode(event)
+    for key, _ in headers:  # a loop, not any(generator): this runs for every record
+        if key.startswith("ce_"):
+            return _json.encode(event)
     return bytes(rec.value)
 
 
