@@ -288,7 +288,8 @@ async def test_deleting_runs_deletes_their_attempts_without_a_check_per_attempt(
     pg_dsn: str, pg_schema: PgSchema
 ) -> None:
     # Attempts carry no foreign key (its check cost a lookup and a lock per attempt written);
-    # deleting runs, from any search_path, still deletes their attempts and only theirs.
+    # deleting runs, from any search_path, still deletes their attempts and only theirs,
+    # and truncating runs empties the attempts.
     schema = pg_schema.name
     async with Store.open(pg_dsn, schema=schema, min_size=1, max_size=2) as store:
         await store.migrate()
@@ -317,9 +318,12 @@ async def test_deleting_runs_deletes_their_attempts_without_a_check_per_attempt(
             left = await conn.fetch(
                 f'SELECT run_id, step FROM "{schema}".step_attempts ORDER BY run_id, step'
             )
+            await conn.execute(f'TRUNCATE "{schema}".runs')
+            after_truncate = await conn.fetchval(f'SELECT count(*) FROM "{schema}".step_attempts')
             await conn.execute(f'SET search_path TO "{schema}"')
     assert row_checks == 0
     assert [(r["run_id"], r["step"]) for r in left] == [(ids[2], "a"), (ids[2], "b")]
+    assert after_truncate == 0
 
 
 async def test_dead_letter_redrive_after_raising_the_size_limit(

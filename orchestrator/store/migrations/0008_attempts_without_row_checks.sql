@@ -21,3 +21,17 @@ CREATE TRIGGER runs_delete_attempts
     AFTER DELETE ON runs
     REFERENCING OLD TABLE AS deleted_runs
     FOR EACH STATEMENT EXECUTE FUNCTION delete_attempts_of_deleted_runs();
+
+-- TRUNCATE runs, which the foreign key refused without CASCADE, empties the attempts too.
+CREATE OR REPLACE FUNCTION truncate_attempts_of_runs() RETURNS trigger
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
+BEGIN
+    TRUNCATE step_attempts;
+    RETURN NULL;
+END
+$$;
+
+DROP TRIGGER IF EXISTS runs_truncate_attempts ON runs;
+CREATE TRIGGER runs_truncate_attempts
+    AFTER TRUNCATE ON runs
+    FOR EACH STATEMENT EXECUTE FUNCTION truncate_attempts_of_runs();
