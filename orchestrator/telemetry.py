@@ -23,9 +23,11 @@ __all__ = [
     "extract_headers",
     "inject_headers",
     "install",
+    "measures",
     "records",
     "skips_unsampled",
     "span_context_from_traceparent",
+    "trace_id_and_flags",
     "traceparent_from_headers",
     "traceparent_of",
     "unsampled",
@@ -292,11 +294,8 @@ def skips_unsampled(tracer: trace.Tracer) -> bool:
 
 def unsampled(traceparent: str | None) -> bool:
     """Whether ``traceparent`` is a valid version-00 header of an unsampled span."""
-    return (
-        traceparent is not None
-        and _TRACEPARENT.match(traceparent) is not None
-        and not int(traceparent[-2:], 16) & 1
-    )
+    read = trace_id_and_flags(traceparent)
+    return read is not None and not read[1] & trace.TraceFlags.SAMPLED
 
 
 def _otlp_configured(endpoint: str) -> bool:

@@ -1,5 +1,5 @@
 -- step_attempts.run_id no longer has a foreign key. Its check ran once per attempt row (a
--- lookup and a KEY SHARE lock of the run), about a quarter of Postgres' CPU in the
+-- lookup and a KEY SHARE lock of the run), about a third of Postgres' CPU in the
 -- statement that records a finished run and its attempts. That statement already joins each
 -- attempt to its run, leased to the writing daemon, and the run's row is locked by the
 -- same statement when it finishes; no other statement writes attempts.
