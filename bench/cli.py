@@ -254,9 +254,15 @@ async def _run(args: argparse.Namespace, doc: dict[str, Any], workdir: Path) -> 
             for key, x in w["W1"].items():
                 w0 = w.get("W0", {})
                 nearest = w0.get("again", w0) if key == "single" else w0
-                if nearest.get("events_per_second") and x.get("runs_per_second"):
+                # Over the same window: W0 from its first batch to its last commit, the
+                # drain from its first run created to its last run recorded; and from process
+                # start (W0 with its group join, the drain from the daemon's launch).
+                if nearest.get("events_per_second") and x.get("steady_runs_per_second"):
                     x["w0_events_per_second"] = nearest["events_per_second"]
-                    x["ratio_to_w0"] = x["runs_per_second"] / nearest["events_per_second"]
+                    x["ratio_to_w0"] = x["steady_runs_per_second"] / nearest["events_per_second"]
+                start = nearest.get("events_per_second_incl_group_join")
+                if start and x.get("runs_per_second"):
+                    x["ratio_to_w0_from_start"] = x["runs_per_second"] / start
         if "W2" in only:
             print(f"W2 latency: {rates} events/s, {rate_seconds:g} s each ...", flush=True)
             w["W2"] = await guard("W2", wl.w2_latency(s, rates, rate_seconds))

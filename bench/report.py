@@ -73,9 +73,11 @@ def render(doc: Mapping[str, Any], targets: list[Target]) -> str:
         if x:
             lines.append(_drain_line(f"W1 {label}", x))
             if x.get("ratio_to_w0") is not None and key in ("chain3", "single"):
+                from_start = x.get("ratio_to_w0_from_start")
                 lines.append(
-                    f"             = {x['ratio_to_w0']:.1%} of W0 "
+                    f"             steady = {x['ratio_to_w0']:.1%} of W0 "
                     f"({_n(x.get('w0_events_per_second'))} events/s, the nearest W0 run)"
+                    + ("" if from_start is None else f"; from start {from_start:.1%}")
                 )
             otlp = x.get("otlp")
             if otlp:

@@ -77,7 +77,7 @@ def test_evaluate_targets_reads_a_results_document() -> None:
         "W0": {"status": "ok", "events_per_second": 10_000.0},
         "W1": {
             "chain3": {"status": "ok", "runs_per_second": 6_000.0},
-            "single": {"status": "ok", "runs_per_second": 4_000.0},
+            "single": {"status": "ok", "runs_per_second": 4_000.0, "steady_runs_per_second": 4_500},
         },
         "W2": {"rates": {"1000": {"status": "ok", "first_step_ms": {"p50": 4.0, "p99": 60.0}}}},
         "W3": {"status": "ok", "figures": [{"rules": 10_000, "events_per_second": 250_000}]},
@@ -95,7 +95,9 @@ def test_evaluate_targets_reads_a_results_document() -> None:
 
 
 def test_the_one_step_ratio_uses_the_w0_run_next_to_it() -> None:
-    single = {"single": {"status": "ok", "runs_per_second": 4_000.0}}
+    single = {
+        "single": {"status": "ok", "runs_per_second": 3_000.0, "steady_runs_per_second": 4_000}
+    }
     w0 = {"status": "ok", "events_per_second": 10_000.0}
 
     def ratio(again: dict[str, object]) -> float | None:
@@ -104,6 +106,21 @@ def test_the_one_step_ratio_uses_the_w0_run_next_to_it() -> None:
 
     assert ratio({"status": "ok", "events_per_second": 8_000.0}) == 0.5
     assert ratio({"status": "timeout", "events_per_second": 1.0}) == 0.4  # the first W0 then
+
+
+def test_the_one_step_ratio_compares_the_same_windows() -> None:
+    """Drain window against drain window; the note has process start against process start
+    (the daemon's launch, W0's group join), never one window against the other."""
+    w0 = {"status": "ok", "events_per_second": 10_000.0, "events_per_second_incl_group_join": 5_000}
+    single = {"status": "ok", "runs_per_second": 2_000.0, "steady_runs_per_second": 3_000.0}
+    target = next(
+        t
+        for t in evaluate_targets({"W0": w0, "W1": {"single": single}})
+        if t.name == "W1 1-step / W0"
+    )
+    assert target.value == 0.3
+    assert "40.0% from process start" in target.note
+    assert target.status == "FAIL"
 
 
 def test_targets_of_unfinished_or_missing_workloads() -> None:
