@@ -109,12 +109,16 @@ def type_name(tp: Any) -> str:
     return repr(tp).replace("typing.", "")
 
 
+_AS_IS = frozenset({bool, bytes, float, int, str})
+"""Types whose exact instances ``msgspec.convert`` returns unchanged (no constraints)."""
+
+
 def convert_input(value: Any, tp: Any, *, step: str, param: str) -> Any:
     """``value`` (the output of step ``param``) as the annotation ``tp`` of ``step``'s parameter.
 
     Raises :class:`NonRetryableError` naming both steps and the expected type.
     """
-    if tp is Any:
+    if tp is Any or (type(value) is tp and tp in _AS_IS):
         return value
     try:
         return msgspec.convert(value, tp)
@@ -128,7 +132,7 @@ def convert_input(value: Any, tp: Any, *, step: str, param: str) -> Any:
 
 def convert_item(value: Any, tp: Any, *, step: str, source: str, index: int) -> Any:
     """Item ``index`` of step ``source``'s list as the item annotation ``tp`` of ``step``."""
-    if tp is Any:
+    if tp is Any or (type(value) is tp and tp in _AS_IS):
         return value
     try:
         return msgspec.convert(value, tp)

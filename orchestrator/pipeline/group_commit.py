@@ -78,6 +78,8 @@ class OutcomeWriter:
         self._finishes: dict[int, RunFinish] = {}
         self._releases: set[int] = set()
         self._pending = anyio.Event()
+        self._signalled = False
+        """``_pending`` is set: rows queued since the last write need not set it again."""
         self._next = _Flush()
         """The write that will carry what is queued now."""
         self._taken = anyio.Event()
@@ -87,18 +89,21 @@ class OutcomeWriter:
     def add_attempt(self, attempt: AttemptWrite) -> None:
         """Queue an attempt's row; a later row for the same attempt replaces it."""
         self._attempts[(attempt.run_id, attempt.step, attempt.attempt)] = attempt
-        self._pending.set()
+        if not self._signalled:
+            self._signal()
 
     def add_outbox(self, event: OutboxWrite) -> None:
         """Queue an event for the outbox, written with the attempt queued before it."""
         self._outbox.append(event)
-        self._pending.set()
+        if not self._signalled:
+            self._signal()
 
     def finish(self, outcome: RunFinish) -> None:
         """Queue a run's outcome, written with (after) every attempt queued before it;
         ``on_finished`` reports it once durable."""
         self._finishes[outcome.run_id] = outcome
-        self._pending.set()
+        if not self._signalled:
+            self._signal()
 
     async def release(self, run_ids: Iterable[int]) -> set[int]:
         """Give runs back to the queue durably (after their attempts are written); returns
@@ -108,9 +113,13 @@ class OutcomeWriter:
             return set()
         self._releases |= ids
         flush = self._next
-        self._pending.set()
+        self._signal()
         await flush.done.wait()
         return ids & flush.held
+
+    def _signal(self) -> None:
+        self._signalled = True
+        self._pending.set()
 
     async def room(self) -> None:
         """Wait while more than ``max_pending`` rows are queued, until a write takes them
@@ -132,6 +141,7 @@ class OutcomeWriter:
     async def flush(self) -> None:
         """Write everything queued (retrying through outages), then report and wake."""
         self._pending = anyio.Event()
+        self._signalled = False
         flush, self._next = self._next, _Flush()
         attempts, self._attempts = self._attempts, {}
         finishes, self._finishes = self._finishes, {}

@@ -87,17 +87,14 @@ class _StoreRecorder:
     async def step_started(
         self, run_id: int, step: str, attempt: int, started_at: datetime
     ) -> None:
-        inflight = self._s._inflight.get(run_id)
-        if (
-            inflight is not None
-            and not inflight.first_step_seen
-            and self._s._tel.instruments.measuring
-        ):
+        instruments = self._s._tel.instruments
+        inflight = self._s._inflight.get(run_id) if instruments.measuring else None
+        if inflight is not None and not inflight.first_step_seen:
             inflight.first_step_seen = True
             first = inflight.run.first_event_at
             if first is not None:
                 latency = max(0.0, (started_at - first).total_seconds())
-                self._s._tel.instruments.event_to_step_latency.record(
+                instruments.event_to_step_latency.record(
                     latency, {"pipeline": inflight.run.pipeline}
                 )
         self._s.writer.add_attempt(

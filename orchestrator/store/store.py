@@ -44,6 +44,7 @@ __all__ = ["Store", "new_run"]
 _envelope_decoder = msgspec.json.Decoder(CloudEvent)
 _params_decoder = msgspec.json.Decoder(dict[str, Any])
 _json = msgspec.json.Encoder()
+_NO_PARAMS = msgspec.Raw(b"{}")
 
 _CLAIMED = """r.id, r.rule, r.pipeline, r.priority, r.params, r.event_ids, r.first_event_at,
     r.traceparent, r.tracestate, r.links, r.claims, r.cancel_requested,
@@ -264,7 +265,7 @@ class Store:
                 r.trigger_key,
                 r.pipeline,
                 r.priority,
-                msgspec.Raw(_json.encode(r.params)),
+                msgspec.Raw(_json.encode(r.params)) if r.params else _NO_PARAMS,
                 own,
             )
             for e, r, own in runs
