@@ -43,7 +43,7 @@ from orchestrator.health import Health
 from orchestrator.pipeline.group_commit import OutcomeWriter
 from orchestrator.pipeline.model import Pipeline
 from orchestrator.pipeline.produced import announcement, produced_event
-from orchestrator.pipeline.records import RunOutcome, RunSpec, StepRecord
+from orchestrator.pipeline.records import RunSpec, StepRecord
 from orchestrator.pipeline.retry import RetryPolicy
 from orchestrator.pipeline.runner import Runner
 from orchestrator.store import AttemptWrite, ClaimedRun, RunFinish, Store
@@ -69,13 +69,14 @@ _SLICE = 0.01
 @dataclass(slots=True)
 class _InFlight:
     run: ClaimedRun
-    scope: anyio.CancelScope
     claimed: bool = False
     """Taken from the shared queue (not handed over by the local intake)."""
     reason: StopReason | None = None
     first_step_seen: bool = False
     finishing: bool = False
     """Its outcome is queued for the writer; the run leaves once that is durable."""
+    scope: anyio.CancelScope | None = None
+    """The cancel scope of the worker executing it, while it executes."""
 
 
 class _StoreRecorder:
@@ -167,7 +168,6 @@ class Scheduler:
         self._inflight: dict[int, _InFlight] = {}
         """Runs held here: queued, executing, or finished and not yet durable."""
         self._queue: deque[_InFlight] = deque()
-        self._new_scope: Callable[[], anyio.CancelScope] | None = None
         """Runs held here that no worker has started."""
         self._busy = 0
         """Workers executing a run."""
@@ -236,7 +236,8 @@ class Scheduler:
             return False
         if inflight.reason is None:
             inflight.reason = reason
-        inflight.scope.cancel()
+        if inflight.scope is not None:  # executing; a queued run stops when a worker takes it
+            inflight.scope.cancel()
         return True
 
     @property
@@ -289,9 +290,7 @@ class Scheduler:
         return n
 
     def _enqueue(self, run: ClaimedRun, *, front: bool = False) -> None:
-        if self._new_scope is None:  # the running backend's class, looked up once
-            self._new_scope = anyio.lowlevel.current_token().backend_class.create_cancel_scope
-        inflight = _InFlight(run, self._new_scope(), claimed=front)
+        inflight = _InFlight(run, claimed=front)
         self._inflight[run.id] = inflight
         if front:
             self._queue.appendleft(inflight)
@@ -329,32 +328,53 @@ class Scheduler:
             tg.cancel_scope.cancel()
 
     async def _worker(self) -> None:
+        """Execute queued runs one after another, in one cancel scope for as long as no run
+        is stopped (a scope per run would cost as much as a trivial step): :meth:`cancel_run`
+        cancels the scope of the worker executing the run, and the worker, once the scope
+        has exited, records the stop and goes on in a new scope."""
         queue = self._queue
-        new_event = anyio.lowlevel.current_token().backend_class.create_event
+        backend = anyio.lowlevel.current_token().backend_class
+        new_event, new_scope = backend.create_event, backend.create_cancel_scope
         clock = time.monotonic
         slice_ends = clock() + _SLICE
         while True:
-            if not queue:
-                woken = new_event()
-                self._idle_workers.append(woken)
-                await woken.wait()
-                continue
-            inflight = queue.popleft()
-            if len(queue) < self._settings.queue_depth:
-                self._room.set()
-            self._busy += 1
-            try:
-                await self._execute(inflight)
-            finally:
-                self._busy -= 1
-            if self._more:
-                self._wake.set()  # a worker is free and the shared queue may hold more
-            await self.writer.room()
-            if clock() >= slice_ends:
-                # Runs whose steps never wait would keep the event loop to themselves: let
-                # the writer, the intake and the heartbeat in.
-                await anyio.lowlevel.checkpoint()
-                slice_ends = clock() + _SLICE
+            stopped: _InFlight | None = None
+            with new_scope() as scope:
+                while True:
+                    if not queue:
+                        woken = new_event()
+                        self._idle_workers.append(woken)
+                        await woken.wait()
+                        slice_ends = clock() + _SLICE
+                        continue
+                    inflight = queue.popleft()
+                    if len(queue) < self._settings.queue_depth:
+                        self._room.set()
+                    stopped = inflight
+                    if inflight.reason is not None:  # stopped while it waited in the queue
+                        break
+                    inflight.scope = scope
+                    self._busy += 1
+                    try:
+                        await self._execute(inflight)
+                    finally:
+                        self._busy -= 1
+                        inflight.scope = None
+                    stopped = None
+                    if self._more:
+                        self._wake.set()  # a worker is free and the shared queue may hold more
+                    if scope.cancel_called:
+                        # Stopped after its last await: the run ended anyway. The next run
+                        # must not receive the cancellation: leave this scope before any await.
+                        break
+                    await self.writer.room()
+                    if clock() >= slice_ends:
+                        # Runs whose steps never wait would keep the event loop to themselves:
+                        # let the writer, the intake and the heartbeat in.
+                        await anyio.lowlevel.checkpoint()
+                        slice_ends = clock() + _SLICE
+            if stopped is not None:
+                await self._stopped(stopped)
 
     async def _claim_loop(self) -> None:
         attempt = 0
@@ -490,8 +510,15 @@ class Scheduler:
                 "orchestrator.pipeline": run.pipeline,
                 "orchestrator.claims": run.claims,
             },
+            record_exception=False,
+            set_status_on_exception=False,
         ) as span:
-            await self._execute_in(inflight, span)
+            try:
+                await self._execute_in(inflight, span)
+            except Exception as exc:  # as the tracer would record it; a stop is no error
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+                raise
 
     async def _execute_in(self, inflight: _InFlight, span: trace.Span) -> None:
         run = inflight.run
@@ -506,19 +533,18 @@ class Scheduler:
             return
         completed: Mapping[str, bytes] = {}
         prior: Mapping[str, int] = {}
-        if run.claims > 1:  # resumed: skip what succeeded, continue attempt numbering
-            completed, prior = await self._retry(lambda: self._store.resume_state(run.id))
-        spec = RunSpec(
-            run_id=run.id,
-            pipeline=pipeline,
-            events=run.events,
-            params=run.params,
-            completed=completed,
-            prior_attempts=prior,
-            connectors=self._connectors,
-        )
-        outcome: RunOutcome | None = None
-        with inflight.scope:
+        try:
+            if run.claims > 1:  # resumed: skip what succeeded, continue attempt numbering
+                completed, prior = await self._retry(lambda: self._store.resume_state(run.id))
+            spec = RunSpec(
+                run_id=run.id,
+                pipeline=pipeline,
+                events=run.events,
+                params=run.params,
+                completed=completed,
+                prior_attempts=prior,
+                connectors=self._connectors,
+            )
             try:
                 pipeline.validate()
             except PipelineError as exc:
@@ -531,19 +557,28 @@ class Scheduler:
                     "interrupted" if inflight.reason == "interrupted" else "cancelled"
                 ),
             )
-        if outcome is None or inflight.scope.cancelled_caught:
-            reason = inflight.reason or "interrupted"
-            span.set_attribute("orchestrator.stopped", reason)
-            if reason == "cancelled":
-                self._finish(inflight, "cancelled", None, "cancelled by operator")
-            elif reason == "interrupted":
-                with anyio.move_on_after(10, shield=True):
-                    await self.writer.release([run.id])
-                log.info("run %d interrupted by shutdown; queued to resume", run.id)
-            return
+        except anyio.get_cancelled_exc_class():
+            # Stopped by cancel_run: the worker records the stop once its scope has exited.
+            span.set_attribute("orchestrator.stopped", inflight.reason or "interrupted")
+            raise
         if outcome.status == "failed":
             span.set_status(Status(StatusCode.ERROR, outcome.error or "failed"))
         self._finish(inflight, outcome.status, outcome.failed_step, outcome.error)
+
+    async def _stopped(self, inflight: _InFlight) -> None:
+        """Record the end of a run :meth:`cancel_run` stopped, executing or queued: cancelled
+        (by an operator), returned to the queue (interrupted by a shutdown), or nothing more
+        (its lease was lost to another daemon)."""
+        run = inflight.run
+        reason = inflight.reason or "interrupted"
+        if reason == "cancelled":
+            self._finish(inflight, "cancelled", None, "cancelled by operator")
+        elif reason == "interrupted":
+            with anyio.move_on_after(10, shield=True):
+                await self.writer.release([run.id])
+            log.info("run %d interrupted by shutdown; queued to resume", run.id)
+        if not inflight.finishing:
+            self._forget(inflight)
 
     def _finish(
         self, inflight: _InFlight, status: str, failed_step: str | None, error: str | None

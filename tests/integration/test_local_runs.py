@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
@@ -285,3 +286,114 @@ async def test_a_step_output_postgres_cannot_store_fails_the_step_with_a_clear_e
     )
     assert attempt["status"] == "failed"
     assert "returned a string with a NUL character" in attempt["error"]
+
+
+def one_worker(
+    kafka_bootstrap: str, topic: str, pg_dsn: str, schema: str, group: dict[str, int]
+) -> Any:
+    return make_settings(
+        kafka_bootstrap, topic, pg_dsn, schema, kafka=group, runner={"max_concurrent_runs": 1}
+    )
+
+
+async def attempts_by_run(dsn: str, schema: str) -> dict[int, tuple[str, int, int]]:
+    """(status, attempts, succeeded attempts) of each run."""
+    rows = await fetch(
+        dsn,
+        schema,
+        """SELECT r.id, r.status, count(a.run_id) AS attempts,
+                  count(*) FILTER (WHERE a.status = 'succeeded') AS succeeded
+           FROM runs r LEFT JOIN step_attempts a ON a.run_id = r.id GROUP BY r.id""",
+    )
+    return {r["id"]: (r["status"], r["attempts"], r["succeeded"]) for r in rows}
+
+
+async def test_a_run_cancelled_while_queued_ends_cancelled_without_starting(
+    kafka_bootstrap: str,
+    topic: str,
+    pg_dsn: str,
+    pg_schema: PgSchema,
+    kafka_group_settings: dict[str, int],
+) -> None:
+    gate = Gate()
+    settings = one_worker(kafka_bootstrap, topic, pg_dsn, pg_schema.name, kafka_group_settings)
+    async with running_daemon(settings, {"gated": gate.pipeline}, RULES, Traced()) as daemon:
+        async with open_producer(settings) as producer:
+            for partition in ("a", "b"):
+                await publish_event(
+                    producer, topic, new_arrival("local.feed", partition=partition), TRACER
+                )
+
+        async def one_queued() -> bool:
+            n = await count(pg_dsn, pg_schema.name, "SELECT count(*) AS n FROM runs")
+            return len(gate.started) == 1 and n == 2
+
+        await wait_for(one_queued, what="one run executing and one queued behind it")
+        (queued,) = await fetch(
+            pg_dsn, pg_schema.name, "SELECT id FROM runs WHERE id <> $1", gate.started[0]
+        )
+        assert daemon.scheduler is not None
+        assert daemon.scheduler.cancel_run(queued["id"])
+        gate.open.set()
+
+        async def ended() -> bool:
+            n = await count(
+                pg_dsn,
+                pg_schema.name,
+                "SELECT count(*) AS n FROM runs WHERE finished_at IS NOT NULL",
+            )
+            return n == 2
+
+        await wait_for(ended, within=20, what="both runs to end")
+    got = await attempts_by_run(pg_dsn, pg_schema.name)
+    assert got == {gate.started[0]: ("succeeded", 1, 1), queued["id"]: ("cancelled", 0, 0)}
+    assert len(gate.started) == 1  # the cancelled run never started
+
+
+RUNS = 8
+
+
+async def test_a_cancel_after_the_runs_last_await_reaches_no_other_run(
+    kafka_bootstrap: str,
+    topic: str,
+    pg_dsn: str,
+    pg_schema: PgSchema,
+    kafka_group_settings: dict[str, int],
+) -> None:
+    """One worker executes queued runs back to back in one cancel scope. A cancel that comes
+    after a run's last await lets that run end as it would have, and must not be delivered
+    to the next run, whose step awaits at once. Every other run cancels itself so: the
+    worker yields to the event loop now and then between runs, which would hide a
+    cancellation left pending for one pair, not for all."""
+    order: list[int] = []
+    holder: dict[str, Any] = {}
+    pipeline = Pipeline("gated")
+
+    @pipeline.step()
+    async def step(ctx: StepContext) -> int:
+        await anyio.lowlevel.checkpoint()  # a pending cancellation would be delivered here
+        order.append(ctx.run_id)
+        if len(order) % 2 == 0:  # asks to cancel its own run, with no await left
+            assert holder["daemon"].scheduler.cancel_run(ctx.run_id)
+        return ctx.run_id
+
+    settings = one_worker(kafka_bootstrap, topic, pg_dsn, pg_schema.name, kafka_group_settings)
+    # Published first, on one key: the intake takes them in one batch and queues them together.
+    async with open_producer(settings) as producer:
+        for _ in range(RUNS):
+            await publish_event(producer, topic, new_arrival("local.feed", partition="p"), TRACER)
+    async with running_daemon(settings, {"gated": pipeline}, RULES, Traced()) as daemon:
+        holder["daemon"] = daemon
+
+        async def ended() -> bool:
+            n = await count(
+                pg_dsn,
+                pg_schema.name,
+                "SELECT count(*) AS n FROM runs WHERE finished_at IS NOT NULL",
+            )
+            return n == RUNS
+
+        await wait_for(ended, within=20, what="every run to end")
+    assert len(order) == RUNS
+    got = await attempts_by_run(pg_dsn, pg_schema.name)
+    assert got == {run_id: ("succeeded", 1, 1) for run_id in order}
