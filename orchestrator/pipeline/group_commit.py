@@ -30,7 +30,7 @@ from anyio.abc import TaskStatus
 from orchestrator.backoff import backoff_delay
 from orchestrator.errors import StoreError, StoreRejected
 from orchestrator.health import Health
-from orchestrator.store import AttemptWrite, OutboxWrite, RunFinish, Store
+from orchestrator.store import AttemptRow, OutboxWrite, RunFinish, Store
 
 __all__ = ["OutcomeWriter"]
 
@@ -74,7 +74,7 @@ class OutcomeWriter:
         self._max_pending = max_pending
         self._notify_finished = notify_finished
         self._outbox: list[OutboxWrite] = []
-        self._attempts: dict[tuple[int, str, int], AttemptWrite] = {}
+        self._attempts: dict[tuple[int, str, int], AttemptRow] = {}
         self._finishes: dict[int, RunFinish] = {}
         self._releases: set[int] = set()
         self._pending = anyio.Event()
@@ -86,7 +86,7 @@ class OutcomeWriter:
         """Set when a write takes what is queued (see :meth:`room`)."""
         self.flushes = 0
 
-    def add_attempt(self, attempt: AttemptWrite) -> None:
+    def add_attempt(self, attempt: AttemptRow) -> None:
         """Queue an attempt's row; a later row for the same attempt replaces it."""
         self._attempts[(attempt.run_id, attempt.step, attempt.attempt)] = attempt
         if not self._signalled:
@@ -170,7 +170,7 @@ class OutcomeWriter:
 
     async def _write(
         self,
-        attempts: list[AttemptWrite],
+        attempts: list[AttemptRow],
         finishes: dict[int, RunFinish],
         releases: set[int],
         outbox: list[OutboxWrite],
@@ -196,7 +196,7 @@ class OutcomeWriter:
 
     async def _write_apart(
         self,
-        attempts: list[AttemptWrite],
+        attempts: list[AttemptRow],
         finishes: dict[int, RunFinish],
         releases: set[int],
         outbox: list[OutboxWrite],
@@ -204,7 +204,7 @@ class OutcomeWriter:
         """Write each run's rows in a write of its own, so that rows Postgres refuses hold
         up no other run. A refused run's rows are dropped (logged with the reason), and its
         outcome, if one was queued, is recorded as failed with that reason."""
-        by_run: dict[int, tuple[list[AttemptWrite], list[OutboxWrite]]] = {
+        by_run: dict[int, tuple[list[AttemptRow], list[OutboxWrite]]] = {
             run_id: ([], []) for run_id in [*finishes, *releases]
         }
         for a in attempts:

@@ -41,7 +41,7 @@ from orchestrator.config import RunnerSettings
 from orchestrator.errors import PipelineError, StoreError
 from orchestrator.health import Health
 from orchestrator.pipeline.group_commit import OutcomeWriter
-from orchestrator.pipeline.model import Pipeline
+from orchestrator.pipeline.model import Pipeline, Step
 from orchestrator.pipeline.produced import announcement, produced_event
 from orchestrator.pipeline.records import RunSpec, StepRecord
 from orchestrator.pipeline.retry import RetryPolicy
@@ -105,20 +105,12 @@ class _StoreRecorder:
         )
 
     async def step_finished(self, record: StepRecord) -> None:
-        self._s.writer.add_attempt(
-            AttemptWrite(
-                run_id=record.run_id,
-                step=record.step,
-                attempt=record.attempt,
-                status=record.status,
-                output=record.output,
-                error=_text(record.error),
-                started_at=record.started_at,
-                finished_at=record.finished_at,
-                skipped=record.skipped,
-            )
-        )
-        if record.status != "succeeded" or record.skipped:
+        self._s.writer.add_attempt(record)  # the record is the attempt's row
+        if (
+            record.status != "succeeded"
+            or record.skipped
+            or not (record.emitted or record.step in self._s._producing)
+        ):
             return
         inflight = self._s._inflight.get(record.run_id)
         if inflight is None:
@@ -165,6 +157,13 @@ class Scheduler:
             if p.max_concurrent_runs is not None
         }
         self._connectors = connectors or {}
+        self._producing = frozenset(
+            name
+            for pipeline in pipelines.values()
+            for name, step in _steps(pipeline).items()
+            if step.produces
+        )
+        """Names of steps that announce what they produce (in any pipeline)."""
         self._inflight: dict[int, _InFlight] = {}
         """Runs held here: queued, executing, or finished and not yet durable."""
         self._queue: deque[_InFlight] = deque()
@@ -590,12 +589,13 @@ class Scheduler:
                 run_id=inflight.run.id,
                 status=status,
                 failed_step=failed_step,
-                error=_text(error),
+                error=error,
             )
         )
 
     def _finished(self, results: list[tuple[RunFinish, bool]]) -> None:
         counts: Counter[tuple[str, str]] = Counter()
+        measuring = self._tel.instruments.measuring
         for outcome, held in results:
             inflight = self._inflight.get(outcome.run_id)
             if inflight is None or not inflight.finishing:
@@ -606,7 +606,8 @@ class Scheduler:
                 log.warning("run %d: finished here but its lease had been lost", run.id)
                 continue
             self.completed += 1
-            counts[(outcome.status, run.pipeline)] += 1
+            if measuring:
+                counts[(outcome.status, run.pipeline)] += 1
             if outcome.status != "succeeded":
                 log.info(
                     "run %d %s (%s)%s",
@@ -649,6 +650,9 @@ def _unrecorded_run_span(run: ClaimedRun) -> trace.Span:
     )
 
 
-def _text(error: str | None) -> str | None:
-    """An error message as Postgres text can hold it (no NUL characters)."""
-    return None if error is None else error.replace("\x00", "\ufffd")
+def _steps(pipeline: Pipeline) -> Mapping[str, Step]:
+    """The steps of ``pipeline``'s plan; none when it has no valid plan (its runs fail)."""
+    try:
+        return pipeline.plan().steps
+    except PipelineError:
+        return {}

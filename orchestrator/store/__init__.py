@@ -4,6 +4,7 @@ from orchestrator.store.connection import KEY_LOOKUP_PLANNER, create_pool, redac
 from orchestrator.store.migrate import available as available_migrations
 from orchestrator.store.migrate import migrate
 from orchestrator.store.records import (
+    AttemptRow,
     AttemptWrite,
     ClaimedRun,
     DeadLetter,
@@ -23,6 +24,7 @@ from orchestrator.store.store import Store
 
 __all__ = [
     "KEY_LOOKUP_PLANNER",
+    "AttemptRow",
     "AttemptWrite",
     "ClaimedRun",
     "DeadLetter",

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import asyncpg
 import msgspec
 
-from orchestrator.store.records import DeadLetter, IncomingEvent
+from orchestrator.store.records import AttemptRow, DeadLetter, IncomingEvent, RunFinish
 
 __all__ = [
     "INGEST_SIMPLE",
@@ -432,6 +432,44 @@ def epoch_seconds(at: datetime | None) -> float | None:
     microsecond exactly until 2106 (it is used for clock readings, not arbitrary dates).
     """
     return None if at is None else at.timestamp()
+
+
+def pg_text(text: str) -> str:
+    """``text`` as Postgres text (and jsonb) can hold it: NUL characters replaced."""
+    return text.replace("\x00", "\ufffd") if "\x00" in text else text
+
+
+def attempt_rows(attempts: Iterable[AttemptRow]) -> bytes:
+    """Step attempts as the outcome statement's :func:`json_rows` document: an attempt's
+    output is ``[output]`` or ``[]`` (a step's JSON ``null`` stays apart from no output),
+    times are epoch seconds."""
+    return json_rows(
+        (
+            a.run_id,
+            a.step,
+            a.attempt,
+            a.status,
+            () if a.output is None else (msgspec.Raw(a.output),),
+            a.error if a.error is None else pg_text(a.error),
+            a.started_at.timestamp(),
+            epoch_seconds(a.finished_at),
+            a.skipped,
+        )
+        for a in attempts
+    )
+
+
+def outcome_columns(
+    finishes: Sequence[RunFinish],
+) -> tuple[list[int], list[str], list[str | None], list[str | None]]:
+    """Run outcomes as the outcome statement's ``unnest`` columns (id, status, failed step,
+    error)."""
+    return (
+        [f.run_id for f in finishes],
+        [f.status for f in finishes],
+        [f.failed_step for f in finishes],
+        [None if f.error is None else pg_text(f.error) for f in finishes],
+    )
 
 
 def event_rows(events: Sequence[IncomingEvent]) -> bytes:

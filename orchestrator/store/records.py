@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import msgspec
 
 from orchestrator.events import CloudEvent
 
 __all__ = [
+    "AttemptRow",
     "AttemptWrite",
     "ClaimedRun",
     "DeadLetter",
@@ -153,6 +154,30 @@ class StoredEvent(msgspec.Struct, frozen=True, kw_only=True):
     published_at: datetime | None
     traceparent: str | None
     tracestate: str | None
+
+
+class AttemptRow(Protocol):
+    """A step attempt's row as the store writes it: an :class:`AttemptWrite`, or a record
+    with the same attributes (the runner's ``StepRecord`` of a finished attempt)."""
+
+    @property
+    def run_id(self) -> int: ...
+    @property
+    def step(self) -> str: ...
+    @property
+    def attempt(self) -> int: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def output(self) -> bytes | None: ...
+    @property
+    def error(self) -> str | None: ...
+    @property
+    def started_at(self) -> datetime: ...
+    @property
+    def finished_at(self) -> datetime | None: ...
+    @property
+    def skipped(self) -> bool: ...
 
 
 class AttemptWrite(msgspec.Struct, frozen=True, kw_only=True):

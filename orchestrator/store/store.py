@@ -19,14 +19,15 @@ from orchestrator.store.batch import (
     INGEST_SIMPLE,
     IngestTx,
     NewRun,
-    epoch_seconds,
+    attempt_rows,
     event_rows,
     json_rows,
+    outcome_columns,
 )
 from orchestrator.store.connection import acquire, create_pool, translate_errors
 from orchestrator.store.migrate import migrate
 from orchestrator.store.records import (
-    AttemptWrite,
+    AttemptRow,
     ClaimedRun,
     DeadLetterRow,
     IncomingEvent,
@@ -391,7 +392,7 @@ class Store:
     async def record_outcomes(
         self,
         owner: str,
-        attempts: Sequence[AttemptWrite],
+        attempts: Sequence[AttemptRow],
         finishes: Sequence[RunFinish],
         releases: Sequence[int] = (),
         outbox: Sequence[OutboxWrite] = (),
@@ -693,32 +694,13 @@ class Store:
 async def _record_and_finish(
     conn: asyncpg.Connection,
     owner: str,
-    attempts: Sequence[AttemptWrite],
+    attempts: Sequence[AttemptRow],
     finishes: Sequence[RunFinish],
 ) -> tuple[set[int], set[int]]:
     """Attempts and outcomes in one statement. Returns (runs whose attempts were refused
     because the lease was lost, runs whose outcome was recorded)."""
     rows = await conn.fetch(
-        _RECORD_AND_FINISH,
-        json_rows(
-            (
-                a.run_id,
-                a.step,
-                a.attempt,
-                a.status,
-                () if a.output is None else (msgspec.Raw(a.output),),
-                a.error,
-                a.started_at.timestamp(),
-                epoch_seconds(a.finished_at),
-                a.skipped,
-            )
-            for a in attempts
-        ),
-        owner,
-        [f.run_id for f in finishes],
-        [f.status for f in finishes],
-        [f.failed_step for f in finishes],
-        [f.error for f in finishes],
+        _RECORD_AND_FINISH, attempt_rows(attempts), owner, *outcome_columns(finishes)
     )
     written = {r["id"] for r in rows if not r["finished"]}
     finished = {r["id"] for r in rows if r["finished"]}
