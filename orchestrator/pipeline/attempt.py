@@ -122,9 +122,12 @@ class Attempts:
         *,
         stop_status: Callable[[], tuple[StepStatus, str]],
         stopping: Callable[[], bool],
+        stand_in: trace.Span | None = None,
     ) -> None:
         """``stop_status`` says how to record an attempt that cancellation stopped (status and
-        error); ``stopping`` whether the run is failing, so that nothing is retried."""
+        error); ``stopping`` whether the run is failing, so that nothing is retried.
+        ``stand_in``: the current span, when the caller knows it can stand in for the
+        attempts' spans (see :func:`_stand_in`); else that is found out here."""
         self.runner = runner
         self.spec = spec
         self.pipeline = pipeline
@@ -134,7 +137,11 @@ class Attempts:
         self._events = tuple(spec.events)
         self._params = _frozen(spec.params)
         self._connectors = _frozen(spec.connectors)
-        self.quiet_span = _stand_in(runner.skips_unsampled, self.parent)
+        self.quiet_span = (
+            stand_in
+            if stand_in is not None and runner.skips_unsampled
+            else _stand_in(runner.skips_unsampled, self.parent)
+        )
         """The parent's span when it stands in for the attempts' spans (see
         :func:`_stand_in`): attempts then start no span, and it stays current."""
         self.deadline = math.inf

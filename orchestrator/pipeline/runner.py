@@ -178,16 +178,23 @@ class Runner:
         return d
 
     async def execute(
-        self, spec: RunSpec, *, cancel_status: Callable[[], CancelStatus] = _cancelled
+        self,
+        spec: RunSpec,
+        *,
+        cancel_status: Callable[[], CancelStatus] = _cancelled,
+        stand_in: trace.Span | None = None,
     ) -> RunOutcome:
         """Run the steps of ``spec`` that have not succeeded yet; return how the run ended.
 
         ``cancel_status`` is asked, when cancellation reaches an attempt in flight, whether to
         record it as ``"cancelled"`` (an operator cancel) or ``"interrupted"`` (a shutdown).
+        ``stand_in``: the current span, when the caller knows it is valid, unsampled and not
+        recording, so that this tracer would record no step span under it: the steps then
+        start none and see it as their span (found out from the current context otherwise).
         Raises :class:`~orchestrator.errors.PipelineError` for an invalid pipeline, whatever
         the recorder raised, or the cancellation.
         """
-        execution = _Execution(self, spec, spec.pipeline.plan(), cancel_status)
+        execution = _Execution(self, spec, spec.pipeline.plan(), cancel_status, stand_in)
         try:
             return await execution.run()
         finally:
@@ -203,6 +210,7 @@ class _Execution:
         spec: RunSpec,
         plan: Plan,
         cancel_status: Callable[[], CancelStatus],
+        stand_in: trace.Span | None = None,
     ) -> None:
         self.runner = runner
         self.spec = spec
@@ -219,7 +227,12 @@ class _Execution:
         self._ready: list[str] = []
         """Steps made ready by the success just recorded (taken at once by its task)."""
         self.attempts = Attempts(
-            runner, spec, plan.pipeline, stop_status=self._stop_status, stopping=self._stopping
+            runner,
+            spec,
+            plan.pipeline,
+            stop_status=self._stop_status,
+            stopping=self._stopping,
+            stand_in=stand_in,
         )
         self._tg: anyio.abc.TaskGroup | None = None
         self._scope: anyio.CancelScope | None = None

@@ -477,7 +477,7 @@ class Scheduler:
                 span = _unrecorded_run_span(run)
                 token = otel_context.attach(trace.set_span_in_context(span, otel_context.Context()))
                 try:
-                    await self._execute_in(inflight, span)
+                    await self._execute_in(inflight, span, unrecorded=True)
                 finally:
                     otel_context.detach(token)
         except Exception:
@@ -519,7 +519,11 @@ class Scheduler:
                 span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
                 raise
 
-    async def _execute_in(self, inflight: _InFlight, span: trace.Span) -> None:
+    async def _execute_in(
+        self, inflight: _InFlight, span: trace.Span, *, unrecorded: bool = False
+    ) -> None:
+        """Execute the run in ``span``; ``unrecorded``: a span of :func:`_unrecorded_run_span`
+        (the steps then start none)."""
         run = inflight.run
         pipeline = self._pipelines.get(run.pipeline)
         if pipeline is None:
@@ -555,6 +559,7 @@ class Scheduler:
                 cancel_status=lambda: (
                     "interrupted" if inflight.reason == "interrupted" else "cancelled"
                 ),
+                stand_in=span if unrecorded else None,
             )
         except anyio.get_cancelled_exc_class():
             # Stopped by cancel_run: the worker records the stop once its scope has exited.

@@ -17,6 +17,7 @@ import anyio
 import pytest
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.trace import TracerProvider, sampling
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 
 from orchestrator.errors import StoreError
 from orchestrator.pipeline import Pipeline, Runner, RunOutcome, StepContext
@@ -467,3 +468,34 @@ async def test_steps_under_an_unsampled_parent_start_no_span_of_a_parent_based_t
         assert await h.run(_chain(seen)) == RunOutcome("succeeded")
     assert all(span is not sampled_parent for span, _, _ in seen.values())
     assert sorted(s.name for s in h.spans()) == ["run orders", "step first", "step second"]
+
+
+async def test_a_stand_in_span_handed_over_serves_as_the_steps_span(h: Harness) -> None:
+    """The scheduler hands over the unrecorded run span it made current: the steps use it
+    without looking at the context, as they would have found it; a tracer that would record
+    under it ignores the hand-over."""
+    seen: dict[str, Any] = {}
+    run_span = trace.NonRecordingSpan(
+        trace.SpanContext(trace_id=5, span_id=7, is_remote=False, trace_flags=trace.TraceFlags(0))
+    )
+    pipeline = _chain(seen)
+    with trace.use_span(run_span):
+        outcome = await h.runner.execute(h.spec(pipeline), stand_in=run_span)
+    assert outcome == RunOutcome("succeeded")
+    assert [span for span, _, _ in seen.values()] == [run_span, run_span]
+    assert h.spans() == []
+    seen.clear()
+    always = TracerProvider(sampler=sampling.ALWAYS_ON)
+    h.tracer = always.get_tracer("always")
+    recording = h.make_runner()
+    always.add_span_processor(SimpleSpanProcessor(h.exporter))
+    with trace.use_span(run_span):
+        assert await recording.execute(h.spec(pipeline), stand_in=run_span) == RunOutcome(
+            "succeeded"
+        )
+    assert not recording.skips_unsampled
+    assert all(
+        s is not run_span and s.get_span_context().trace_flags.sampled for s, _, _ in seen.values()
+    )
+    assert sorted(s.name for s in h.spans()) == ["step first", "step second"]
+    always.shutdown()
