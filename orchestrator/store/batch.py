@@ -16,7 +16,7 @@ from typing import Any, Literal
 import asyncpg
 import msgspec
 
-from orchestrator.store.records import AttemptRow, DeadLetter, IncomingEvent, RunFinish
+from orchestrator.store.records import AttemptRow, DeadLetter, IncomingEvent, RunFinish, RunRequest
 
 __all__ = [
     "INGEST_SIMPLE",
@@ -31,6 +31,7 @@ __all__ = [
 ]
 
 _json = msgspec.json.Encoder()
+_NO_PARAMS = msgspec.Raw(b"{}")
 
 
 def columns(rows: Iterable[tuple[Any, ...]]) -> list[list[Any]]:
@@ -469,6 +470,24 @@ def outcome_columns(
         [f.status for f in finishes],
         [f.failed_step for f in finishes],
         [None if f.error is None else pg_text(f.error) for f in finishes],
+    )
+
+
+def request_rows(runs: Iterable[tuple[IncomingEvent, RunRequest, bool]]) -> bytes:
+    """The runs of :data:`INGEST_SIMPLE` (``$2``) as :func:`json_rows`: (source, id, rule,
+    trigger key, pipeline, priority, params, own) for each (event, request, own)."""
+    return json_rows(
+        (
+            e.event.source,
+            e.event.id,
+            r.rule,
+            r.trigger_key,
+            r.pipeline,
+            r.priority,
+            msgspec.Raw(_json.encode(r.params)) if r.params else _NO_PARAMS,
+            own,
+        )
+        for e, r, own in runs
     )
 
 

@@ -21,8 +21,8 @@ from orchestrator.store.batch import (
     NewRun,
     attempt_rows,
     event_rows,
-    json_rows,
     outcome_columns,
+    request_rows,
 )
 from orchestrator.store.connection import acquire, create_pool, translate_errors
 from orchestrator.store.migrate import migrate
@@ -45,7 +45,6 @@ __all__ = ["Store", "new_run"]
 _envelope_decoder = msgspec.json.Decoder(CloudEvent)
 _params_decoder = msgspec.json.Decoder(dict[str, Any])
 _json = msgspec.json.Encoder()
-_NO_PARAMS = msgspec.Raw(b"{}")
 
 _CLAIMED = """r.id, r.rule, r.pipeline, r.priority, r.params, r.event_ids, r.first_event_at,
     r.traceparent, r.tracestate, r.links, r.claims, r.cancel_requested,
@@ -258,22 +257,9 @@ class Store:
         event is new, claimed by ``owner`` when ``own``. Returns the new events' primary keys
         by (source, id), and (id, rule, trigger_key, status) of each run created.
         """
-        new_runs = json_rows(
-            (
-                e.event.source,
-                e.event.id,
-                r.rule,
-                r.trigger_key,
-                r.pipeline,
-                r.priority,
-                msgspec.Raw(_json.encode(r.params)) if r.params else _NO_PARAMS,
-                own,
-            )
-            for e, r, own in runs
-        )
         async with acquire(self.pool, "ingest") as conn:
             rows = await conn.fetch(
-                INGEST_SIMPLE, event_rows(events), new_runs, owner, lease_seconds
+                INGEST_SIMPLE, event_rows(events), request_rows(runs), owner, lease_seconds
             )
             events_by_key: dict[tuple[str, str], int] = {}
             created: list[tuple[int, str, str, str]] = []

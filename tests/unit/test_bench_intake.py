@@ -19,3 +19,9 @@ async def test_every_record_becomes_one_run_request_and_a_time_is_taken() -> Non
     best, runs = await measure(batch=8, batches=2, repeat=1)
     assert runs == 8
     assert 0 < best < 1_000_000
+
+
+async def test_with_the_batch_write_every_run_is_encoded_and_handed_to_the_scheduler() -> None:
+    best, runs = await measure(batch=8, batches=2, repeat=1, write=True)
+    assert runs == 8  # adopted by the stand-in scheduler, through the real batch write
+    assert 0 < best < 1_000_000
