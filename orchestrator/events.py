@@ -132,9 +132,9 @@ def decode_record(value: bytes | None, headers: Headers, *, max_bytes: int) -> C
         raise EventError(f"record of {len(value)} bytes exceeds the limit of {max_bytes} bytes")
     if b"\\u0000" in value or b"\x00" in value:
         raise EventError("record contains a NUL character, which cannot be stored")
-    ce_headers = {k[3:]: v for k, v in headers if k.startswith("ce_")}
-    if ce_headers:
-        return _decode_binary(value, ce_headers)
+    for k, _ in headers:
+        if k.startswith("ce_"):  # binary mode
+            return _decode_binary(value, {k[3:]: v for k, v in headers if k.startswith("ce_")})
     try:
         return _structured_decoder.decode(value)
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:

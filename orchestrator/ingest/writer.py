@@ -74,8 +74,11 @@ async def write_batch(
     dead: Sequence[DeadLetter],
     owner: RunOwner | None = None,
 ) -> IngestResult:
-    if not dead and all(
-        not e.correlations and all(r.rule not in plan.specs for r in e.runs) for e in events
+    specs = plan.specs
+    if (
+        not dead
+        and not any([e.correlations for e in events])
+        and (not specs or not any([r.rule in specs for e in events for r in e.runs]))
     ):
         return await _write_simple(store, events, owner)
     owned: list[ClaimedRun] = []
