@@ -45,7 +45,7 @@ from orchestrator.health import Health
 from orchestrator.pipeline import Pipeline
 from orchestrator.pipeline.scheduler import Scheduler
 from orchestrator.store import AttemptRow, ClaimedRun, OutboxWrite, RunFinish
-from orchestrator.store.batch import attempt_rows, outcome_columns
+from orchestrator.store.batch import attempt_rows, outcome_rows
 from orchestrator.telemetry import Telemetry
 
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -72,9 +72,9 @@ class EncodingStore:
         *,
         notify_finished: bool = True,
     ) -> tuple[set[int], set[int]]:
-        self.bytes += len(attempt_rows(attempts))
+        self.bytes += len(attempt_rows(attempts)) + len(outcome_rows(finishes))
         self.attempts += len(attempts)
-        ids, *_ = outcome_columns(finishes)
+        ids = [f.run_id for f in finishes]
         self.finished += len(ids)
         if self.finished >= self._runs:
             self.all_finished.set()

@@ -460,16 +460,12 @@ def attempt_rows(attempts: Iterable[AttemptRow]) -> bytes:
     )
 
 
-def outcome_columns(
-    finishes: Sequence[RunFinish],
-) -> tuple[list[int], list[str], list[str | None], list[str | None]]:
-    """Run outcomes as the outcome statement's ``unnest`` columns (id, status, failed step,
-    error)."""
-    return (
-        [f.run_id for f in finishes],
-        [f.status for f in finishes],
-        [f.failed_step for f in finishes],
-        [None if f.error is None else pg_text(f.error) for f in finishes],
+def outcome_rows(finishes: Iterable[RunFinish]) -> bytes:
+    """Run outcomes as the outcome statement's :func:`json_rows` document: (id, status,
+    failed step, error)."""
+    return json_rows(
+        (f.run_id, f.status, f.failed_step, None if f.error is None else pg_text(f.error))
+        for f in finishes
     )
 
 

@@ -21,7 +21,7 @@ from orchestrator.store.batch import (
     NewRun,
     attempt_rows,
     event_rows,
-    outcome_columns,
+    outcome_rows,
     request_rows,
 )
 from orchestrator.store.connection import acquire, create_pool, translate_errors
@@ -123,12 +123,12 @@ ON CONFLICT (event_id) DO NOTHING
 # attempts written with it. Attempts ($1) travel as a ``json_rows`` document; an attempt's
 # output is ``[output]`` or ``[]``, so that a step's JSON ``null`` stays apart from no output.
 # Times are epoch seconds (``epoch_seconds``). The statement stays prepared with a generic
-# plan, made while the runs table was small. The attempts' runs are looked up by
-# ``id = ANY(ARRAY(...))``: a join estimated from the document's rows would read the whole
-# runs table. Outcomes ($3-$6) are ``unnest`` columns, each probing ``runs_pkey``. A run has
-# a lease only while running (``runs_lease_only_while_running``), so no ``status =
-# 'running'`` condition: it led Postgres to runs_running_idx, every running run of every
-# daemon, once per outcome.
+# plan, made while the runs table was small. The attempts' runs ($1) and the finished runs
+# ($3, a ``json_rows`` document too: asyncpg binds an array element in about a microsecond)
+# are looked up by ``id = ANY(ARRAY(...))``: a join on a document's rows gets a plan that
+# reads all of ``runs_pkey``. A run has a lease only while running
+# (``runs_lease_only_while_running``), so no ``status = 'running'`` condition: it led
+# Postgres to runs_running_idx, every running run of every daemon, once per outcome.
 _RECORD_AND_FINISH = """
 WITH a AS (
     INSERT INTO step_attempts (run_id, step, attempt, status, output, error, owner, started_at,
@@ -150,9 +150,10 @@ WITH a AS (
     UPDATE runs r
     SET status = u.status, finished_at = now(), failed_step = u.failed_step, error = u.error,
         lease_owner = NULL, lease_expires_at = NULL
-    FROM unnest($3::bigint[], $4::text[], $5::text[], $6::text[])
-         AS u(id, status, failed_step, error)
+    FROM (SELECT (x->>0)::bigint, x->>1, x->>2, x->>3
+          FROM jsonb_array_elements($3::jsonb) AS o(x)) AS u(id, status, failed_step, error)
     WHERE r.id = u.id AND r.lease_owner = $2
+      AND r.id = ANY(ARRAY(SELECT (x->>0)::bigint FROM jsonb_array_elements($3::jsonb) AS i(x)))
     RETURNING r.id
 )
 SELECT DISTINCT run_id AS id, false AS finished FROM a
@@ -686,7 +687,7 @@ async def _record_and_finish(
     """Attempts and outcomes in one statement. Returns (runs whose attempts were refused
     because the lease was lost, runs whose outcome was recorded)."""
     rows = await conn.fetch(
-        _RECORD_AND_FINISH, attempt_rows(attempts), owner, *outcome_columns(finishes)
+        _RECORD_AND_FINISH, attempt_rows(attempts), owner, outcome_rows(finishes)
     )
     written = {r["id"] for r in rows if not r["finished"]}
     finished = {r["id"] for r in rows if r["finished"]}

@@ -1,4 +1,4 @@
-"""The outcome statement's parameters: attempt rows and outcome columns, as sent to Postgres."""
+"""The outcome statement's parameters: attempt and outcome rows, as sent to Postgres."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import msgspec
 
 from orchestrator.pipeline import StepRecord
 from orchestrator.store import AttemptWrite, RunFinish
-from orchestrator.store.batch import attempt_rows, outcome_columns
+from orchestrator.store.batch import attempt_rows, outcome_rows
 
 AT = datetime(2026, 11, 25, 12, 0, 0, 250_000, tzinfo=UTC)
 
@@ -71,15 +71,12 @@ def test_nul_characters_in_errors_are_replaced_for_postgres() -> None:
         )
     )
     assert row[5] == "x\ufffdy"
-    ids, statuses, steps, errors = outcome_columns(
-        [
-            RunFinish(run_id=1, status="failed", failed_step="a", error="x\x00y"),
-            RunFinish(run_id=2, status="succeeded"),
-        ]
+    outcomes = msgspec.json.decode(
+        outcome_rows(
+            [
+                RunFinish(run_id=1, status="failed", failed_step="a", error="x\x00y"),
+                RunFinish(run_id=2, status="succeeded"),
+            ]
+        )
     )
-    assert (ids, statuses, steps, errors) == (
-        [1, 2],
-        ["failed", "succeeded"],
-        ["a", None],
-        ["x\ufffdy", None],
-    )
+    assert outcomes == [[1, "failed", "a", "x\ufffdy"], [2, "succeeded", None, None]]
