@@ -374,6 +374,8 @@ class Scheduler:
                         slice_ends = clock() + _SLICE
             if stopped is not None:
                 await self._stopped(stopped)
+                if self._more:
+                    self._wake.set()  # as after any run: this worker is free again
 
     async def _claim_loop(self) -> None:
         attempt = 0
