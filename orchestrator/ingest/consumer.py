@@ -38,6 +38,7 @@ from orchestrator.store import (
     RunRequest,
     Store,
 )
+from orchestrator.store.batch import pg_text
 from orchestrator.telemetry import (
     Telemetry,
     extract_headers,
@@ -521,14 +522,10 @@ def _dead_letter(rec: ConsumerRecord, headers: list[tuple[str, bytes]], reason: 
         value=None if value is None else bytes(value[:_DEAD_VALUE_PREFIX]),
         value_size=0 if value is None else len(value),
         headers=[
-            (_clean(k), _clean(v.decode("utf-8", "replace")) if v else "") for k, v in headers
+            (pg_text(k), pg_text(v.decode("utf-8", "replace")) if v else "") for k, v in headers
         ],
-        reason=_clean(reason),
+        reason=pg_text(reason),
     )
-
-
-def _clean(text: str) -> str:
-    return text.replace("\x00", "\ufffd")
 
 
 def _rejected(e: IncomingEvent, reason: str) -> DeadLetter:
@@ -540,5 +537,5 @@ def _rejected(e: IncomingEvent, reason: str) -> DeadLetter:
         value=e.envelope[:_DEAD_VALUE_PREFIX],
         value_size=len(e.envelope),
         headers=[],
-        reason=_clean(reason),
+        reason=pg_text(reason),
     )

@@ -262,11 +262,7 @@ class Attempts:
                     step, label, attempt, call, upstream, span, started_at, t0, index, skipped
                 )
         self.observe(step.name, record.status, t0)
-        try:  # finished(), inline: one coroutine less per attempt
-            await runner.recorder.step_finished(record)
-        except anyio.get_cancelled_exc_class():
-            await self.shielded(record)
-            raise
+        await self.finished(record)
         return result
 
     async def _run(

@@ -24,10 +24,14 @@ __all__ = [
     "IngestTx",
     "NewRun",
     "RunOwner",
+    "attempt_rows",
     "columns",
     "epoch_seconds",
     "event_rows",
     "json_rows",
+    "outcome_rows",
+    "pg_text",
+    "request_rows",
 ]
 
 _json = msgspec.json.Encoder()
